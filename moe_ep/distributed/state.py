@@ -1,0 +1,223 @@
+"""Process start-up and the default TP / PP / DP / EP groups.
+
+Rank layout follows vLLM: `arange(world).reshape(DP, PP, TP)`; a TP group is TP consecutive
+ranks, PP groups stride by TP, DP groups stride by PP x TP, and an EP group is the DP x TP ranks of
+one pipeline stage. Managers and layers take their group explicitly; the getters below are a
+convenience for code that runs inside one model-parallel job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moe_ep.distributed.group import GroupCoordinator
+
+_BACKENDS = ("gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The groups this rank belongs to."""
+
+    world: GroupCoordinator
+    tp: GroupCoordinator
+    pp: GroupCoordinator
+    dp: GroupCoordinator
+    ep: GroupCoordinator
+
+    def destroy(self) -> None:
+        for group in (self.ep, self.dp, self.pp, self.tp, self.world):
+            group.destroy()
+
+
+_GROUPS: ParallelGroups | None = None
+
+
+def init_distributed(
+    world_size: int | None = None,
+    rank: int | None = None,
+    *,
+    init_method: str | None = None,
+    local_rank: int | None = None,
+    backend: str | None = None,
+    timeout: timedelta = timedelta(minutes=10),
+) -> None:
+    """Initialise `torch.distributed` (no-op when it already is).
+
+    Arguments left as None come from torchrun's environment (`WORLD_SIZE`, `RANK`,
+    `LOCAL_RANK`, `MASTER_ADDR` / `MASTER_PORT` for `init_method="env://"`). The backend defaults
+    to NCCL when CUDA is available and gloo otherwise; with NCCL the current CUDA device is set
+    to `local_rank`.
+    """
+    if dist.is_initialized():
+        return
+    world_size = _int_from(world_size, "world_size", "WORLD_SIZE")
+    rank = _int_from(rank, "rank", "RANK")
+    local_rank = _int_from(local_rank, "local_rank", "LOCAL_RANK", default=rank)
+    if world_size < 1:
+        raise ValueError(f"init_distributed: world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"init_distributed: rank must be in [0, {world_size}), got {rank}")
+    if local_rank < 0:
+        raise ValueError(f"init_distributed: local_rank must be >= 0, got {local_rank}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in _BACKENDS:
+        raise ValueError(f"init_distributed: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("init_distributed: backend='nccl' needs CUDA, none is available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if init_method is None:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise ValueError(
+                "init_distributed: pass init_method (e.g. 'tcp://127.0.0.1:29500') or set "
+                f"{' and '.join(missing)} (torchrun does)"
+            )
+        init_method = "env://"
+    if not isinstance(timeout, timedelta):
+        raise TypeError(f"init_distributed: timeout must be a datetime.timedelta, got {timeout!r}")
+    dist.init_process_group(
+        backend, init_method=init_method, world_size=world_size, rank=rank, timeout=timeout
+    )
+
+
+def group_layout(
+    world_size: int,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    data_parallel_size: int | None = None,
+) -> dict[str, list[list[int]]]:
+    """The rank lists of every TP, PP, DP and EP group (pure; no communication).
+
+    Returns: `{"tp": [...], "pp": [...], "dp": [...], "ep": [...]}`, each a list of groups.
+    """
+    for arg, value in (
+        ("world_size", world_size),
+        ("tensor_parallel_size", tensor_parallel_size),
+        ("pipeline_parallel_size", pipeline_parallel_size),
+        ("data_parallel_size", data_parallel_size),
+    ):
+        if value is None and arg == "data_parallel_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel_size ({tp}) x "
+            f"pipeline_parallel_size ({pp}) = {tp * pp}"
+        )
+    dp = world_size // (tp * pp) if data_parallel_size is None else data_parallel_size
+    if tp * pp * dp != world_size:
+        raise ValueError(
+            f"tensor_parallel_size ({tp}) x pipeline_parallel_size ({pp}) x data_parallel_size "
+            f"({dp}) = {tp * pp * dp} must equal the world size {world_size}"
+        )
+    layout = torch.arange(world_size).reshape(dp, pp, tp)
+    return {
+        "tp": layout.reshape(-1, tp).tolist(),
+        "pp": layout.transpose(1, 2).reshape(-1, pp).tolist(),
+        "dp": layout.transpose(0, 2).reshape(-1, dp).tolist(),
+        "ep": layout.transpose(0, 1).reshape(-1, dp * tp).tolist(),
+    }
+
+
+def initialize_model_parallel(
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    data_parallel_size: int | None = None,
+    *,
+    use_shm: bool = True,
+) -> ParallelGroups:
+    """Create the world, TP, PP, DP and EP groups (collective over the world) and return mine.
+
+    `data_parallel_size` defaults to world / (TP x PP). `use_shm=False` keeps every CPU group on
+    gloo instead of the shared-memory collectives.
+    """
+    global _GROUPS
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "initialize_model_parallel: torch.distributed is not initialised; call "
+            "moe_ep.distributed.init_distributed() or launch with torchrun first"
+        )
+    if _GROUPS is not None:
+        raise RuntimeError(
+            "initialize_model_parallel was already called; call destroy_model_parallel() first"
+        )
+    world = dist.get_world_size()
+    layout = group_layout(world, tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
+    _GROUPS = ParallelGroups(
+        world=GroupCoordinator([list(range(world))], "world", use_shm=use_shm),
+        tp=GroupCoordinator(layout["tp"], "tp", use_shm=use_shm),
+        pp=GroupCoordinator(layout["pp"], "pp", use_shm=use_shm),
+        dp=GroupCoordinator(layout["dp"], "dp", use_shm=use_shm),
+        ep=GroupCoordinator(layout["ep"], "ep", use_shm=use_shm),
+    )
+    return _GROUPS
+
+
+def model_parallel_is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def destroy_model_parallel() -> None:
+    """Destroy the default groups (idempotent)."""
+    global _GROUPS
+    groups, _GROUPS = _GROUPS, None
+    if groups is not None:
+        groups.destroy()
+
+
+def get_parallel_groups() -> ParallelGroups:
+    if _GROUPS is None:
+        raise RuntimeError(
+            "model parallel groups are not initialised; call initialize_model_parallel() first"
+        )
+    return _GROUPS
+
+
+def get_world_group() -> GroupCoordinator:
+    return get_parallel_groups().world
+
+
+def get_tp_group() -> GroupCoordinator:
+    return get_parallel_groups().tp
+
+
+def get_pp_group() -> GroupCoordinator:
+    return get_parallel_groups().pp
+
+
+def get_dp_group() -> GroupCoordinator:
+    return get_parallel_groups().dp
+
+
+def get_ep_group() -> GroupCoordinator:
+    return get_parallel_groups().ep
+
+
+def _int_from(value: int | None, arg: str, env: str, default: int | None = None) -> int:
+    if value is None:
+        if env in os.environ:
+            try:
+                return int(os.environ[env])
+            except ValueError:
+                raise ValueError(
+                    f"init_distributed: environment variable {env}={os.environ[env]!r} "
+                    "is not an int"
+                ) from None
+        if default is not None:
+            return default
+        raise ValueError(
+            f"init_distributed: pass {arg}= or set the environment variable {env} (torchrun does)"
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"init_distributed: {arg} must be an int, got {value!r}")
+    return value

@@ -1,0 +1,305 @@
+"""Run a function on several local ranks, as separate processes, without ever hanging.
+
+`DistributedPool` spawns the ranks once (importing torch costs seconds per process on a small
+machine) and runs many functions on them; `run_distributed` is the one-shot form. Each worker
+initialises `torch.distributed` against a TCP store that the parent hosts on a port the OS
+picks, so there is no port race. A worker's exception comes back with its type and remote
+traceback; a timeout or a dead rank kills every rank and raises in the parent.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_DEVICES = ("cpu", "cuda")
+# After one rank raises, how long the others get to finish (they usually raise the same error
+# from a consistent input check) before they are presumed stuck in a collective and killed.
+_PEER_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a worker function learns about its rank (passed as its first argument)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str  # "cpu" or "cuda:<local_rank>"
+
+
+class DistributedTimeoutError(TimeoutError):
+    """Some ranks did not finish in time; every rank was killed."""
+
+
+class WorkerCrashedError(RuntimeError):
+    """A rank's process died without reporting a result; every rank was killed."""
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the `__cause__` of the re-raised error."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class DistributedPool:
+    """`world_size` spawned ranks with `torch.distributed` initialised, reused across `run`s.
+
+    Args:
+        world_size: number of ranks (processes).
+        device: "cpu" (gloo) or "cuda" (NCCL; rank r uses cuda:r % device_count).
+        start_timeout: seconds the ranks get to start and rendezvous.
+    """
+
+    def __init__(self, world_size: int, *, device: str = "cpu", start_timeout: float = 120.0):
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if device not in _DEVICES:
+            raise ValueError(f"device must be one of {_DEVICES}, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' needs CUDA, none is available")
+        _check_timeout(start_timeout, "start_timeout")
+        self.world_size = world_size
+        self.device = device
+        self.broken = False
+        self._closed = False
+        self._store = dist.TCPStore(
+            "127.0.0.1", 0, world_size + 1, True, timedelta(seconds=start_timeout),
+            wait_for_workers=False,
+        )
+        ctx = mp.get_context("spawn")
+        self._procs: list[mp.Process] = []
+        self._conns: list[Connection] = []
+        try:
+            for rank in range(world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_worker_main,
+                    args=(rank, world_size, device, self._store.port, start_timeout, child),
+                    name=f"moe_ep-rank{rank}",
+                    daemon=True,
+                )
+                proc.start()
+                child.close()
+                self._procs.append(proc)
+                self._conns.append(parent)
+            self._collect("start-up", start_timeout)
+        except BaseException:
+            self._kill()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
+        """Run `fn(RankInfo, *args)` on every rank; return the per-rank results in rank order.
+
+        `fn` and `args` must be picklable (a module-level function). Raises the first worker
+        exception (same type, remote traceback as `__cause__`), `DistributedTimeoutError`, or
+        `WorkerCrashedError`; after a timeout or crash the pool is broken and must be replaced.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        _check_timeout(timeout, "timeout")
+        if self.broken or self._closed:
+            raise RuntimeError("this DistributedPool is broken or closed; create a new one")
+        try:
+            payload = pickle.dumps((fn, args))
+        except Exception as e:
+            raise TypeError(
+                f"fn and args must be picklable to reach the ranks (define fn at module level): {e}"
+            ) from e
+        for conn in self._conns:
+            conn.send_bytes(payload)
+        return self._collect(getattr(fn, "__qualname__", repr(fn)), timeout)
+
+    def _collect(self, what: str, timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        results: dict[int, Any] = {}
+        first_error: tuple[int, BaseException] | None = None
+        pending = set(range(self.world_size))
+        while pending:
+            remaining = deadline - time.monotonic()
+            if first_error is not None:
+                remaining = min(remaining, first_error_at + _PEER_GRACE_S - time.monotonic())
+            if remaining <= 0:
+                break
+            waitables = {self._conns[r]: r for r in pending}
+            waitables.update({self._procs[r].sentinel: r for r in pending})
+            for ready in wait(list(waitables), timeout=remaining):
+                rank = waitables[ready]
+                if rank not in pending:
+                    continue
+                if ready is self._conns[rank]:
+                    try:
+                        status, value = self._conns[rank].recv()
+                    except (EOFError, OSError):
+                        continue  # the sentinel reports the death
+                    pending.discard(rank)
+                    if status == "ok":
+                        results[rank] = value
+                    elif first_error is None:
+                        first_error = (rank, _rebuild_error(*value))
+                        first_error_at = time.monotonic()
+                elif self._conns[rank].poll():
+                    continue  # its result is still in the pipe: read it first
+                else:
+                    code = self._procs[rank].exitcode
+                    self._kill()
+                    raise WorkerCrashedError(
+                        f"rank {rank} died (exit code {code}) while running {what}; "
+                        "all ranks were killed"
+                    )
+        if first_error is not None:
+            if pending:
+                self._kill()  # the others are stuck waiting for the rank that raised
+            raise first_error[1]
+        if pending:
+            self._kill()
+            raise DistributedTimeoutError(
+                f"ranks {sorted(pending)} of {self.world_size} did not finish {what} within "
+                f"{timeout:g} s; all ranks were killed"
+            )
+        return [results[r] for r in range(self.world_size)]
+
+    def _kill(self) -> None:
+        self.broken = True
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self._procs:
+            proc.join(timeout=10)
+        for conn in self._conns:
+            conn.close()
+
+    def close(self) -> None:
+        """Stop the ranks (killing any that do not exit promptly) and free the store."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.broken:
+            for conn in self._conns:
+                try:
+                    conn.send_bytes(b"")
+                except OSError:
+                    pass
+            for proc in self._procs:
+                proc.join(timeout=10)
+        self._kill()
+        del self._store
+
+    def __enter__(self) -> DistributedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_distributed(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
+    device: str = "cpu",
+) -> list[Any]:
+    """Spawn `world_size` ranks, run `fn(RankInfo, *args)` on each, return their results.
+
+    `timeout` bounds the run of `fn` (start-up has its own bound); see `DistributedPool.run`.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _check_timeout(timeout, "timeout")
+    with DistributedPool(world_size, device=device) as pool:
+        return pool.run(fn, *args, timeout=timeout)
+
+
+def _check_timeout(value: float, arg: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{arg} must be a number of seconds > 0, got {value!r}")
+
+
+# ------------------------------------------------------------------- worker side
+def _worker_main(
+    rank: int, world_size: int, device: str, port: int, start_timeout: float, conn: Connection
+) -> None:
+    # One intra-op thread per rank: ranks usually outnumber cores in tests.
+    torch.set_num_threads(1)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            local_device = f"cuda:{rank % torch.cuda.device_count()}"
+        else:
+            local_device = "cpu"
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size + 1, False, timedelta(seconds=start_timeout)
+        )
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=start_timeout),
+        )
+        info = RankInfo(rank, world_size, rank, local_device)
+        conn.send(("ok", None))
+    except BaseException as e:
+        conn.send(("err", _portable_error(e, rank)))
+        return
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        if not payload:
+            break
+        try:
+            fn, args = pickle.loads(payload)
+            reply = ("ok", fn(info, *args))
+        except BaseException as e:
+            reply = ("err", _portable_error(e, rank))
+        finally:
+            _cleanup_groups()
+        try:
+            conn.send(reply)
+        except Exception as e:  # an unpicklable result
+            conn.send(("err", _portable_error(TypeError(f"result is not picklable: {e}"), rank)))
+    _cleanup_groups()
+    dist.destroy_process_group()
+
+
+def _cleanup_groups() -> None:
+    """Leave the worker ready for the next function even if this one forgot to clean up."""
+    from moe_ep.distributed.state import destroy_model_parallel
+
+    destroy_model_parallel()
+
+
+def _portable_error(error: BaseException, rank: int) -> tuple[BaseException, str, int]:
+    """`error` (or a RuntimeError with its text if it does not pickle), its traceback, the rank.
+
+    Pickling drops `__cause__` and `__traceback__`, so the traceback travels as text and the
+    parent attaches it (`_rebuild_error`).
+    """
+    tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        error = pickle.loads(pickle.dumps(error))
+    except Exception:
+        error = RuntimeError(f"{type(error).__name__}: {error}")
+    return error, tb, rank
+
+
+def _rebuild_error(error: BaseException, tb: str, rank: int) -> BaseException:
+    error.__cause__ = RemoteTraceback(f"\n[rank {rank}] {tb}")
+    if hasattr(error, "add_note"):
+        error.add_note(f"(raised on rank {rank}; its traceback is the cause above)")
+    return error
