@@ -137,32 +137,27 @@ class DistributedPool:
                 remaining = min(remaining, first_error_at + _PEER_GRACE_S - time.monotonic())
             if remaining <= 0:
                 break
+            # A rank's pipe turns readable when it replies or, with EOF, when its process dies
+            # (the parent closed its copy of the child end), so the pipes alone tell both.
             waitables = {self._conns[r]: r for r in pending}
-            waitables.update({self._procs[r].sentinel: r for r in pending})
             for ready in wait(list(waitables), timeout=remaining):
                 rank = waitables[ready]
-                if rank not in pending:
-                    continue
-                if ready is self._conns[rank]:
-                    try:
-                        status, value = self._conns[rank].recv()
-                    except (EOFError, OSError):
-                        continue  # the sentinel reports the death
-                    pending.discard(rank)
-                    if status == "ok":
-                        results[rank] = value
-                    elif first_error is None:
-                        first_error = (rank, _rebuild_error(*value))
-                        first_error_at = time.monotonic()
-                elif self._conns[rank].poll():
-                    continue  # its result is still in the pipe: read it first
-                else:
+                try:
+                    status, value = ready.recv()
+                except (EOFError, OSError):
+                    self._procs[rank].join(timeout=5)
                     code = self._procs[rank].exitcode
                     self._kill()
                     raise WorkerCrashedError(
                         f"rank {rank} died (exit code {code}) while running {what}; "
                         "all ranks were killed"
-                    )
+                    ) from None
+                pending.discard(rank)
+                if status == "ok":
+                    results[rank] = value
+                elif first_error is None:
+                    first_error = (rank, _rebuild_error(*value))
+                    first_error_at = time.monotonic()
         if first_error is not None:
             if pending:
                 self._kill()  # the others are stuck waiting for the rank that raised
