@@ -234,7 +234,7 @@ class GroupCoordinator:
                 return t.new_empty(t.shape)
             padded = rows.new_zeros((longest, *rows.shape[1:]))
             padded[: rows.shape[0]] = rows
-            parts = [p[:n] for p, n in zip(self._all_gather_parts(padded), sizes)]
+            parts = [p[:n] for p, n in zip(self._all_gather_parts(padded), sizes, strict=True)]
         return torch.cat(parts, dim=0).movedim(0, dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -423,9 +423,10 @@ class GroupCoordinator:
         if self.shm is not None:
             received = self.shm.recv_tensor_list(src)
             if [r.shape for r in received] != [t.shape for t in cpu]:
-                raise RuntimeError(f"{self.name}: recv_tensor_dict got tensors that do not match "
-                                   "the metadata sent with them")
-            for t, r in zip(cpu, received):
+                raise RuntimeError(
+                    f"{self.name}: recv_tensor_dict got tensors that do not match the metadata"
+                )
+            for t, r in zip(cpu, received, strict=True):
                 t.copy_(r)
         else:
             for t in cpu:

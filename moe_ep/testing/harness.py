@@ -10,7 +10,6 @@ traceback; a timeout or a dead rank kills every rank and raises in the parent.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import time
 import traceback
@@ -130,6 +129,7 @@ class DistributedPool:
         deadline = time.monotonic() + timeout
         results: dict[int, Any] = {}
         first_error: tuple[int, BaseException] | None = None
+        first_error_at = 0.0
         pending = set(range(self.world_size))
         while pending:
             remaining = deadline - time.monotonic()
