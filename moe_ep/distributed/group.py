@@ -399,7 +399,7 @@ class GroupCoordinator:
         return out
 
     def send_tensor_dict(self, tensor_dict: dict[str, Any], dst: int) -> None:
-        """Send a dict (as `broadcast_tensor_dict` does) to `dst`, which calls `recv_tensor_dict`."""
+        """Send a dict (like `broadcast_tensor_dict`) to `dst`; it calls `recv_tensor_dict`."""
         self._check_peer(dst, "dst")
         metadata, tensors = _split_tensor_dict(tensor_dict, self.name)
         dist.send_object_list([metadata], dst=self.ranks[dst], group=self.cpu_group)
