@@ -8,6 +8,7 @@ from moe_ep.testing.harness import (
     WorkerCrashedError,
     run_distributed,
 )
+from moe_ep.testing.reference import make_linear_experts, make_scaling_experts, reference_moe
 
 __all__ = [
     "DistributedPool",
@@ -15,5 +16,8 @@ __all__ = [
     "RankInfo",
     "RemoteTraceback",
     "WorkerCrashedError",
+    "make_linear_experts",
+    "make_scaling_experts",
+    "reference_moe",
     "run_distributed",
 ]
