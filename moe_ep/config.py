@@ -42,26 +42,26 @@ if TYPE_CHECKING:
     from moe_ep.distributed.topology import Topology
 
 __all__ = [
-    "PHASES",
     "DEVICES",
-    "ConfigError",
-    "SelectionError",
-    "IntRange",
-    "When",
-    "Rule",
+    "PHASES",
     "All2AllConfig",
-    "ParallelConfig",
     "CollectivesConfig",
     "Config",
+    "ConfigError",
+    "IntRange",
     "Options",
+    "ParallelConfig",
+    "Rule",
     "Selection",
-    "shipped_configs",
-    "load_config",
-    "parse_config",
+    "SelectionError",
+    "When",
+    "build_manager_from_config",
     "config_to_dict",
     "dump_config",
+    "load_config",
+    "parse_config",
     "select",
-    "build_manager_from_config",
+    "shipped_configs",
 ]
 
 PHASES = ("prefill", "decode")
@@ -95,7 +95,8 @@ class Options(Mapping[str, Any]):
     __slots__ = ("_items",)
 
     def __init__(self, items: Mapping[str, Any] | None = None):
-        self._items = dict(sorted((items or {}).items()))
+        self._items = {k: tuple(v) if isinstance(v, list) else v
+                       for k, v in sorted((items or {}).items())}
 
     def __getitem__(self, key: str) -> Any:
         return self._items[key]
@@ -272,6 +273,18 @@ def _registry_names() -> tuple[tuple[str, ...], dict[str, str]]:
     return names, aliases
 
 
+def _implemented_manager_class(name: str):
+    """The registered manager class of `name`, or None for a placeholder or import failure."""
+    from moe_ep.managers import registry
+    from moe_ep.managers.base import VendorBackendPlaceholder
+
+    try:
+        cls = registry.get_manager_class(name)
+    except Exception:  # noqa: BLE001 - availability reports import problems; parsing goes on
+        return None
+    return None if issubclass(cls, VendorBackendPlaceholder) else cls
+
+
 def _default_availability(topology: Topology) -> Mapping[str, tuple[bool, str]]:
     from moe_ep.managers.registry import available_managers
 
@@ -423,8 +436,31 @@ class _Parser:
                                   f"{_alts(self.names)})")
         use = self.backend(value["use"], path + ".use")
         when = self.when(value.get("when"), path + ".when") if with_when else When()
-        return Rule(use=use, when=when, options=self.options(value.get("options"),
-                                                             path + ".options"), where=path)
+        options = self.options(value.get("options"), path + ".options")
+        self.check_backend_options(use, options, path + ".options")
+        return Rule(use=use, when=when, options=options, where=path)
+
+    def check_backend_options(self, use: str, options: Options, path: str) -> None:
+        """Validate options against the backend's own options dataclass, so a typo fails at
+        load time on any machine rather than at build time on the one that selects it.
+
+        Skipped for backends whose adapter is a placeholder (no options declared yet) or
+        whose module cannot be imported here.
+        """
+        cls = _implemented_manager_class(use)
+        if cls is None:
+            return
+        allowed = tuple(cls.option_names())
+        for key in options:
+            if key not in allowed:
+                hint = _did_you_mean(key, allowed)
+                listed = _alts(allowed) if allowed else "none"
+                raise self.fail(_join(path, key), f"unknown option {key!r} for {use}{hint}; "
+                                                  f"allowed options: {listed}")
+        try:
+            cls.options_cls(**dict(options))
+        except (TypeError, ValueError) as exc:
+            raise self.fail(path, f"invalid options for {use}: {exc}") from None
 
     def rules(self, value: Any, path: str, *, with_when: bool) -> tuple[Rule, ...]:
         what = "rules" if with_when else "backends"
@@ -552,7 +588,7 @@ def _resolve(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     shipped = shipped_configs()
-    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    stem = path.name.removesuffix(".yaml")
     if path.parent == Path(".") and stem in shipped:
         return Path(shipped[stem])
     if path.exists():
@@ -570,7 +606,7 @@ def load_config(name_or_path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
