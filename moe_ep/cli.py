@@ -59,21 +59,14 @@ def local_topology(world_size: int | None = None, *, device: str | None = None,
         raise CLIError(f"--nodes must be >= 1 and divide --world-size {world_size}, got {nodes}")
     local = world_size // nodes
     if nvlink is None and device == "cuda" and device == here.device:
-        nvlink = _local_nvlink(min(local, gpus))
+        from moe_ep.distributed.topology import nvlink_all_connected
+
+        nvlink = nvlink_all_connected(min(local, gpus))
     if device == "cuda" and gpus_per_node is None and here.device != "cuda":
         gpus = local  # a simulated CUDA job: one rank per GPU
     return Topology(device=device, world_size=world_size, rank=0, local_world_size=local,
                     same_node=(True,) * local + (False,) * (world_size - local),
                     nvlink=nvlink, gpus_per_node=gpus)
-
-
-def _local_nvlink(num_gpus: int) -> bool | None:
-    # Topology.detect(None) leaves NVLink unknown for a single process; ask the same peer-access
-    # probe it uses for a live group.
-    from moe_ep.distributed import topology
-
-    probe = getattr(topology, "_nvlink_all_connected", None)
-    return probe(num_gpus) if probe is not None else None
 
 
 def _torchrun_topology():

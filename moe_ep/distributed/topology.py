@@ -84,7 +84,8 @@ class Topology:
             device = "cuda"
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if group is None or group.world_size == 1:
-            return cls(device=device, gpus_per_node=gpus, nvlink=None)
+            nvlink = nvlink_all_connected(gpus) if device == "cuda" else None
+            return cls(device=device, gpus_per_node=gpus, nvlink=nvlink)
         from moe_ep.distributed.group import in_the_same_node_as
 
         same_node = tuple(in_the_same_node_as(group, source_rank=0))
@@ -92,7 +93,7 @@ class Topology:
         # assume the job is homogeneous (same ranks per node), as torchrun launches it.
         on_root = same_node.count(True)
         local = on_root if same_node[group.rank_in_group] else max(1, on_root)
-        nvlink = _nvlink_all_connected(gpus) if device == "cuda" else None
+        nvlink = nvlink_all_connected(gpus) if device == "cuda" else None
         return cls(
             device=device,
             world_size=group.world_size,
@@ -113,8 +114,8 @@ class Topology:
         )
 
 
-def _nvlink_all_connected(num_gpus: int) -> bool | None:
-    """Whether every pair of visible GPUs can reach each other by peer access.
+def nvlink_all_connected(num_gpus: int) -> bool | None:
+    """Whether every pair of the first `num_gpus` GPUs can reach each other by peer access.
 
     Peer access is the portable proxy torch offers; NVML would distinguish NVLink from PCIe P2P
     but is not a dependency. None when it cannot be determined.
