@@ -93,14 +93,18 @@ class GroupCoordinator:
             return None
         if importlib.util.find_spec("moe_ep.distributed.shm") is None:
             return None
-        from moe_ep.distributed.shm import ShmCommunicator
+        from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
 
         ok, _reason = ShmCommunicator.available()
         # Every rank must take the same decision or the next collective would mismatch; the
         # same-node flags are computed collectively, availability is a property of the host.
         if not ok or not all(_same_node_flags(self.cpu_group, self.rank_in_group, 0)):
             return None
-        return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name)
+        try:
+            return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name)
+        except ShmUnavailableError:
+            # Raised on every rank alike (e.g. /dev/shm full, ranks in separate containers).
+            return None
 
     def destroy(self) -> None:
         """Free the shared-memory segments and the process groups (idempotent)."""
@@ -226,15 +230,14 @@ class GroupCoordinator:
     def _gatherv(self, t: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor:
         rows = t.movedim(dim, 0).contiguous()
         if self._use_shm(rows):
-            parts = self.shm.all_gather(rows)
-        else:
-            # torch.distributed all-gathers need equal shapes: pad to the largest extent.
-            longest = max(sizes)
-            if longest == 0:
-                return t.new_empty(t.shape)
-            padded = rows.new_zeros((longest, *rows.shape[1:]))
-            padded[: rows.shape[0]] = rows
-            parts = [p[:n] for p, n in zip(self._all_gather_parts(padded), sizes, strict=True)]
+            return self.shm.all_gather_flat(rows).movedim(0, dim)
+        # torch.distributed all-gathers need equal shapes: pad to the largest extent.
+        longest = max(sizes)
+        if longest == 0:
+            return t.new_empty(t.shape)
+        padded = rows.new_zeros((longest, *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [p[:n] for p, n in zip(self._all_gather_parts(padded), sizes, strict=True)]
         return torch.cat(parts, dim=0).movedim(0, dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -317,13 +320,13 @@ class GroupCoordinator:
             return x.clone()
         x = x.contiguous()
         if self._use_shm(x):
-            parts = self.shm.all_to_all(list(x.split(sends)))
-            if [p.shape[0] for p in parts] != recvs:
+            out = self.shm.all_to_all_single(x, sends)
+            if out.shape[0] != sum(recvs):
                 raise RuntimeError(
-                    f"{self.name}: all_to_all_single expected {recvs} rows from the ranks, "
-                    f"got {[p.shape[0] for p in parts]}"
+                    f"{self.name}: all_to_all_single expected {sum(recvs)} rows in all "
+                    f"(output_split_sizes={recvs}), got {out.shape[0]}"
                 )
-            return torch.cat(parts, dim=0)
+            return out
         out = x.new_empty((sum(recvs), *x.shape[1:]))
         dist.all_to_all_single(out, x, recvs, sends, group=self._group_for(x))
         return out
