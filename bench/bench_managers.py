@@ -28,7 +28,10 @@ SHORT = {"naive": "naive", "allgather_reducescatter": "agrs", "alltoallv": "allt
 
 def _worker(info, tokens_list, hidden, num_experts, topk, dtype_name, warmup, iters, use_shm):
     from moe_ep.bench.dispatch_latency import measure_manager
+    from moe_ep.cpu_allocator import retain_freed_memory
     from moe_ep.distributed import GroupCoordinator
+
+    retain_freed_memory()  # every manager alike: see moe_ep.cpu_allocator
 
     # W ranks share this machine's cores: more intra-op threads than cores per rank would
     # oversubscribe the CPU and time the scheduler instead of the managers.

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ep.distributed.shm import ShmCommunicator
+from moe_ep.cpu_allocator import retain_freed_memory
 from moe_ep.testing import DistributedPool
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -126,6 +127,7 @@ def _deepspeed(world: int):
 
 def _collectives_worker(info, sizes: list[int], rep_seconds: float, reps: int, peers: bool):
     W, r = info.world_size, info.rank
+    retain_freed_memory()  # every column alike: see moe_ep.cpu_allocator
     comm = ShmCommunicator(dist.group.WORLD, r, W, "bench")
     dcomm = _deepspeed(W) if peers else None
     rows = []
@@ -197,6 +199,7 @@ def _manager_worker(info, tokens: list[int], hidden: int, experts: int, topk: in
     from moe_ep.managers.registry import build_manager
 
     W, r = info.world_size, info.rank
+    retain_freed_memory()  # shm and gloo alike: see moe_ep.cpu_allocator
     rows = []
     shm_group = GroupCoordinator([list(range(W))], "bench_shm", use_shm=True)
     gloo_group = GroupCoordinator([list(range(W))], "bench_gloo", use_shm=False)

@@ -239,7 +239,9 @@ def measure_case(group, case: Case, warmup: int, iters: int) -> dict[str, Any]:
     import torch
 
     from moe_ep.bench.dispatch_latency import measure_manager
+    from moe_ep.cpu_allocator import retain_freed_memory
 
+    retain_freed_memory()  # every backend alike: see moe_ep.cpu_allocator
     result = measure_manager(
         group, case.backend, dict(case.options),
         tokens_per_rank=case.tokens_per_rank, hidden=case.hidden,
