@@ -72,10 +72,12 @@ class GroupCoordinator:
         for ranks in groups:
             if len(ranks) == world:
                 device_group = dist.group.WORLD
-                cpu_group = device_group if backend == "gloo" else dist.new_group(ranks, "gloo")
             else:
                 device_group = dist.new_group(ranks, backend=backend)
-                cpu_group = device_group if backend == "gloo" else dist.new_group(ranks, "gloo")
+            if backend == "gloo":
+                cpu_group = device_group
+            else:
+                cpu_group = dist.new_group(ranks, backend="gloo")
             if self.rank in ranks:
                 self.ranks = list(ranks)
                 self.cpu_group, self.device_group = cpu_group, device_group
