@@ -320,18 +320,19 @@ class AllToAllVManager(All2AllManager):
             raise TypeError(f"expert_out must have a floating dtype, got {expert_out.dtype}")
         counter = self._new_counter()
         partial = weighted_row_sum(
-            expert_out, handle.packed_row, handle.packed_weight, sum(handle.recv_rows)
+            expert_out, handle.packed_row, handle.packed_weight, sum(handle.recv_rows),
+            handle.dtype,
         )
         back = self.group.all_to_all_single(
-            partial.to(handle.dtype),
+            partial,
             output_split_sizes=list(handle.send_rows),
             input_split_sizes=list(handle.recv_rows),
         )
         es = torch.empty((), dtype=handle.dtype).element_size()
         counter.to_others([r * handle.hidden * es for r in handle.recv_rows])
-        y = weighted_row_sum(back, handle.send_token, None, handle.num_tokens)
+        y = weighted_row_sum(back, handle.send_token, None, handle.num_tokens, handle.dtype)
         self.last_combine_bytes = counter.freeze()
-        return y.to(handle.dtype)
+        return y
 
     # ---- cost model --------------------------------------------------------------------------
 

@@ -351,7 +351,11 @@ def _call_expert(fn: ExpertFn, e: int, rows: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_row_sum(
-    values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None, num_rows: int
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_rows: int,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Weighted scatter-add of rows: ``out[rows[i]] += weights[i] * values[i]``.
 
@@ -360,13 +364,24 @@ def weighted_row_sum(
         rows: ``[P] int64`` destination row of each value row, in ``[0, num_rows)``.
         weights: ``[P]`` floating point, or None for 1.
         num_rows: rows of the output.
+        out_dtype: dtype of the result.
 
     Returns:
-        ``[num_rows, H] float32`` (rows that receive nothing are 0).
+        ``[num_rows, H]`` in ``out_dtype``, summed in float32 and rounded once (rows that
+        receive nothing are 0).
 
-    Written as a sparse ``[num_rows, P]`` matrix times ``values``: one fused pass, about three
-    times faster on CPU than a weighting multiply followed by ``index_add_``.
+    On CPU, when the native library of :mod:`moe_ep.distributed.shm` is built and ``values``
+    already has ``out_dtype``, one pass of its segment-sum kernel (about 7x faster than the
+    sparse product on one core). Otherwise a sparse ``[num_rows, P]`` matrix times ``values``:
+    one fused pass, about three times faster on CPU than a multiply followed by ``index_add_``.
     """
+    native = _native_segment_sum(values, out_dtype)
+    if native is not None:
+        order = torch.argsort(rows, stable=True)
+        offsets = torch.zeros(num_rows + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(rows, minlength=num_rows), 0, out=offsets[1:])
+        w = None if weights is None else weights.index_select(0, order).float().contiguous()
+        return native(values.contiguous(), order, offsets, w)
     n = rows.numel()
     if weights is None:
         weights = torch.ones(n, dtype=torch.float32, device=values.device)
@@ -376,7 +391,20 @@ def weighted_row_sum(
         (num_rows, n),
         check_invariants=False,
     )
-    return torch.sparse.mm(selector, values.to(torch.float32))
+    return torch.sparse.mm(selector, values.to(torch.float32)).to(out_dtype)
+
+
+def _native_segment_sum(values: torch.Tensor, out_dtype: torch.dtype):
+    """The native CPU segment-sum kernel when it applies to ``values``, else None."""
+    if values.device.type != "cpu" or values.dtype != out_dtype or values.dim() != 2:
+        return None
+    if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if importlib.util.find_spec("moe_ep.distributed.shm") is None:
+        return None
+    from moe_ep.distributed.shm import ShmCommunicator, segment_sum
+
+    return segment_sum if ShmCommunicator.available()[0] else None
 
 
 def apply_experts(result: DispatchResult, fn: ExpertFn) -> torch.Tensor:
@@ -419,7 +447,7 @@ def apply_experts(result: DispatchResult, fn: ExpertFn) -> torch.Tensor:
             start += n
         if not outs:
             return torch.zeros_like(x)
-        return weighted_row_sum(torch.cat(outs), pair_rows, pair_w, x.shape[0]).to(x.dtype)
+        return weighted_row_sum(torch.cat(outs), pair_rows, pair_w, x.shape[0], x.dtype)
     if result.layout is Layout.EXPERT_PACKED:
         if sum(counts) != x.shape[0]:
             raise ValueError(
