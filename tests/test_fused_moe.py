@@ -127,3 +127,48 @@ def _from_mixtral(info):
 
 def test_from_mixtral_block(dist_pool):
     assert dist_pool(2).run(_from_mixtral) == [3, 3]
+
+
+def _bad_input_on_one_rank(info):
+    from moe_ep.distributed import initialize_model_parallel
+    from moe_ep.managers import RemoteInputError
+    from moe_ep.managers.registry import build_manager
+
+    mgr = build_manager("alltoallv", initialize_model_parallel().ep)
+    layer = FusedMoE(E, K, H, I, mgr)
+    x = _tokens(info.rank) if info.rank else torch.zeros(3, H + 1)
+    try:
+        layer(x)
+    except RemoteInputError as e:
+        return ("remote", e.bad_ranks)
+    except ValueError as e:
+        return ("local", str(e))
+    finally:
+        mgr.destroy()
+    return ("none", None)
+
+
+def test_bad_input_on_one_rank_fails_every_rank(dist_pool):
+    local, remote = dist_pool(2).run(_bad_input_on_one_rank, timeout=60)
+    assert local[0] == "local" and f"x must be [num_tokens, {H}]" in local[1]
+    assert remote == ("remote", (0,))
+
+
+def _dispatch_with_grad(info):
+    from moe_ep.distributed import initialize_model_parallel
+    from moe_ep.managers.registry import build_manager
+
+    mgr = build_manager("naive", initialize_model_parallel().ep)
+    x = torch.ones(2, H, requires_grad=True)
+    try:
+        mgr.dispatch(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), num_experts=E)
+    except ValueError as e:
+        return str(e)
+    finally:
+        mgr.destroy()
+    return "no error"
+
+
+def test_dispatch_rejects_autograd_inputs(dist_pool):
+    for message in dist_pool(1).run(_dispatch_with_grad):
+        assert "not differentiable" in message and "torch.no_grad()" in message

@@ -96,3 +96,25 @@ def test_topology_value_object():
     assert t.internode and t.num_nodes == 2
     assert Topology(world_size=4).same_node == (True,) * 4
     assert "internode=True" in t.describe()
+
+
+def _use_after_destroy(info):
+    import torch
+
+    from moe_ep.distributed import GroupCoordinator
+
+    halves = [[0, 1], [2, 3]]
+    g = GroupCoordinator(halves, "half", use_shm=False)
+    g.destroy()
+    g.destroy()  # idempotent
+    try:
+        g.all_reduce(torch.ones(1))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_destroyed_group_refuses_collectives(dist_pool):
+    # torch.distributed reads group=None as the world: a destroyed group must raise instead.
+    for message in dist_pool(4).run(_use_after_destroy):
+        assert "was destroyed" in message

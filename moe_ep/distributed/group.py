@@ -14,6 +14,7 @@ import os
 import pickle
 import secrets
 import socket
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,16 +60,16 @@ class GroupCoordinator:
         self.rank = dist.get_rank()
         world = dist.get_world_size()
         groups = _validate_group_ranks(group_ranks, world, self.rank, name)
-        backend = dist.get_backend()
+        # get_backend() says "undefined" after a bare init_process_group() on a CUDA host (NCCL
+        # for CUDA tensors) and "cpu:gloo,cuda:nccl" for a multi-backend world: the backend
+        # config names NCCL in both cases.
+        backend = "nccl" if "nccl" in str(dist.get_backend_config()) else "gloo"
         self.backend = backend
-        if backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-
+        self.device = _device_for(backend, name)
+        self._destroyed = False
         self.ranks: list[int] = []
-        self.cpu_group: ProcessGroup | None = None
-        self.device_group: ProcessGroup | None = None
+        self._cpu_group: ProcessGroup | None = None
+        self._device_group: ProcessGroup | None = None
         for ranks in groups:
             if len(ranks) == world:
                 device_group = dist.group.WORLD
@@ -80,13 +81,32 @@ class GroupCoordinator:
                 cpu_group = dist.new_group(ranks, backend="gloo")
             if self.rank in ranks:
                 self.ranks = list(ranks)
-                self.cpu_group, self.device_group = cpu_group, device_group
+                self._cpu_group, self._device_group = cpu_group, device_group
         self.world_size = len(self.ranks)
         self.rank_in_group = self.ranks.index(self.rank)
         self.first_rank = self.ranks[0]
         self.last_rank = self.ranks[-1]
+        self.shm = None
         self.shm = self._create_shm() if use_shm else None
-        self._destroyed = False
+        _LIVE.add(self)
+
+    @property
+    def cpu_group(self) -> ProcessGroup:
+        """The gloo group (CPU tensors, Python objects)."""
+        self._check_alive()
+        return self._cpu_group
+
+    @property
+    def device_group(self) -> ProcessGroup:
+        """The NCCL group on CUDA; the gloo group on CPU."""
+        self._check_alive()
+        return self._device_group
+
+    def _check_alive(self) -> None:
+        # torch.distributed reads group=None as the whole world: a destroyed coordinator must
+        # not hand None to a collective.
+        if self._destroyed:
+            raise RuntimeError(f"GroupCoordinator({self.name!r}) was destroyed; build a new one")
 
     # ------------------------------------------------------------------ setup
     def _create_shm(self):
@@ -97,10 +117,12 @@ class GroupCoordinator:
             return None
         from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
 
-        ok, _reason = ShmCommunicator.available()
-        # Every rank must take the same decision or the next collective would mismatch; the
-        # same-node flags are computed collectively, availability is a property of the host.
-        if not ok or not all(_same_node_flags(self.cpu_group, self.rank_in_group, 0)):
+        # Every rank must take the same decision or the next collective would mismatch, so
+        # both inputs are agreed collectively (availability is per host, and a group may span
+        # hosts).
+        same_node = _same_node_flags(self.cpu_group, self.rank_in_group, 0)
+        usable = self.all_gather_object(ShmCommunicator.available()[0])
+        if not (all(same_node) and all(usable)):
             return None
         try:
             return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name)
@@ -116,10 +138,11 @@ class GroupCoordinator:
         if self.shm is not None:
             self.shm.destroy()
             self.shm = None
-        for group in {id(g): g for g in (self.cpu_group, self.device_group)}.values():
+        _LIVE.discard(self)
+        for group in {id(g): g for g in (self._cpu_group, self._device_group)}.values():
             if group is not None and group is not dist.group.WORLD:
                 dist.destroy_process_group(group)
-        self.cpu_group = self.device_group = None
+        self._cpu_group = self._device_group = None
 
     def __repr__(self) -> str:
         return (
@@ -317,6 +340,11 @@ class GroupCoordinator:
                 f"{self.name}: sum(input_split_sizes)={sum(sends)} must equal x.shape[0]={n}"
             )
         if recvs is None:
+            if len(set(sends)) > 1:
+                raise ValueError(
+                    f"{self.name}: pass output_split_sizes when input_split_sizes are uneven "
+                    f"({sends}): the rows each rank receives cannot be inferred"
+                )
             recvs = [sends[0]] * self.world_size
         if self.world_size == 1:
             return x.clone()
@@ -485,11 +513,15 @@ def _same_node_flags(
     magic = secrets.token_bytes(16)
     path = None
     if rank_in_group == source:
-        if os.path.isdir("/dev/shm"):
+        try:
             path = f"/dev/shm/moe_ep_probe_{os.getpid()}_{secrets.token_hex(8)}"
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(magic)
+        except OSError:
+            # No usable /dev/shm: must not raise before the collective below (the peers would
+            # wait forever); they compare host names instead.
+            path = None
         box = [(path, magic, socket.gethostname())]
     else:
         box = [None]
@@ -554,6 +586,8 @@ def _check_tensor(x: Any, arg: str, name: str) -> None:
 def _check_dim(x: torch.Tensor, dim: int, name: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{name}: dim must be an int, got {dim!r}")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension, got a 0-dim tensor")
     if not -x.dim() <= dim < max(x.dim(), 1):
         raise ValueError(
             f"{name}: dim={dim} is out of range for a tensor of shape {tuple(x.shape)}"
@@ -585,3 +619,28 @@ def _split_tensor_dict(
                 ) from e
             metadata.append((key, value))
     return metadata, tensors
+
+
+# Coordinators not yet destroyed in this process (the test harness destroys leftovers).
+_LIVE: weakref.WeakSet[GroupCoordinator] = weakref.WeakSet()
+
+
+def destroy_live_groups() -> None:
+    """Destroy every GroupCoordinator of this process that is still alive."""
+    for group in list(_LIVE):
+        group.destroy()
+
+
+def _device_for(backend: str, name: str) -> torch.device:
+    if backend != "nccl":
+        return torch.device("cpu")
+    device = torch.cuda.current_device()
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and device != int(local) % torch.cuda.device_count():
+        # Otherwise every rank silently sits on cuda:0 and NCCL fails much later.
+        raise RuntimeError(
+            f"GroupCoordinator({name!r}): the current CUDA device is cuda:{device} but "
+            f"LOCAL_RANK={local}; call torch.cuda.set_device(local_rank) before creating groups "
+            "(moe_ep.distributed.init_distributed does)"
+        )
+    return torch.device("cuda", device)

@@ -31,8 +31,15 @@ class ParallelGroups:
     ep: GroupCoordinator
 
     def destroy(self) -> None:
+        """Destroy every group, even if one fails; then raise the first failure."""
+        first: BaseException | None = None
         for group in (self.ep, self.dp, self.pp, self.tp, self.world):
-            group.destroy()
+            try:
+                group.destroy()
+            except Exception as e:  # noqa: PERF203 - keep destroying the others
+                first = first or e
+        if first is not None:
+            raise first
 
 
 _GROUPS: ParallelGroups | None = None
@@ -153,13 +160,16 @@ def initialize_model_parallel(
         )
     world = dist.get_world_size()
     layout = group_layout(world, tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
-    _GROUPS = ParallelGroups(
-        world=GroupCoordinator([list(range(world))], "world", use_shm=use_shm),
-        tp=GroupCoordinator(layout["tp"], "tp", use_shm=use_shm),
-        pp=GroupCoordinator(layout["pp"], "pp", use_shm=use_shm),
-        dp=GroupCoordinator(layout["dp"], "dp", use_shm=use_shm),
-        ep=GroupCoordinator(layout["ep"], "ep", use_shm=use_shm),
-    )
+    built: dict[str, GroupCoordinator] = {}
+    try:
+        built["world"] = GroupCoordinator([list(range(world))], "world", use_shm=use_shm)
+        for name in ("tp", "pp", "dp", "ep"):
+            built[name] = GroupCoordinator(layout[name], name, use_shm=use_shm)
+    except BaseException:
+        for group in built.values():
+            group.destroy()
+        raise
+    _GROUPS = ParallelGroups(**built)
     return _GROUPS
 
 

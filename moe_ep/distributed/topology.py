@@ -89,10 +89,9 @@ class Topology:
         from moe_ep.distributed.group import in_the_same_node_as
 
         same_node = tuple(in_the_same_node_as(group, source_rank=0))
-        # Ranks on *my* node: count the ranks that share rank 0's node when I am on it; otherwise
-        # assume the job is homogeneous (same ranks per node), as torchrun launches it.
-        on_root = same_node.count(True)
-        local = on_root if same_node[group.rank_in_group] else max(1, on_root)
+        # Ranks on my node: those sharing rank 0's node, assuming a homogeneous job (the same
+        # number of ranks on every node, as torchrun launches it).
+        local = same_node.count(True)
         nvlink = nvlink_all_connected(gpus) if device == "cuda" else None
         return cls(
             device=device,

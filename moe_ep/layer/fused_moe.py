@@ -41,7 +41,7 @@ def route(
 
 
 class FusedMoE(nn.Module):
-    """A MoE layer whose experts are spread over the ranks of `manager.group`.
+    """A MoE layer whose experts are spread over the ranks of `manager.group` (inference only).
 
     Args:
         num_experts: E, global number of experts.
@@ -137,10 +137,18 @@ class FusedMoE(nn.Module):
         h = F.silu(rows @ self.w_gate[local].T) * (rows @ self.w_up[local].T)
         return h @ self.w_down[local].T
 
+    @torch.no_grad()  # inference-only: dispatch and combine are not differentiable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x [N, H]` (N may differ between ranks, 0 included) -> `[N, H]`, same dtype."""
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"x must be [num_tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        """`x [N, H]` (N may differ between ranks, 0 included) -> `[N, H]`, same dtype.
+
+        Collective over the manager's group. A bad `x` on one rank fails the call on every
+        rank (none is left waiting in the dispatch).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            self.manager.abort_dispatch(
+                ValueError(f"x must be [num_tokens, {self.hidden_size}], got {got}")
+            )
         weights, ids = route(x @ self.gate.T, self.top_k, renormalize=self.renormalize)
         result = self.manager.dispatch(x, weights, ids, num_experts=self.num_experts)
         return self.manager.combine(apply_experts(result, self.expert), result)

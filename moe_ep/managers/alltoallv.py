@@ -132,6 +132,10 @@ class AllToAllVManager(All2AllManager):
         # (num_experts, device) -> placement tables, so dispatch does not rebuild them.
         self._tables: dict[tuple[int, str], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
+    def header_extra_ints(self) -> int:
+        # Rows and routing records this rank sends to each rank: the receive split sizes.
+        return 2 * self.world_size
+
     @classmethod
     def availability(cls, topology: Any) -> tuple[bool, str]:
         return True, "portable: runs on any torch.distributed backend (gloo on CPU, NCCL on CUDA)"
@@ -223,7 +227,8 @@ class AllToAllVManager(All2AllManager):
         counter = self._new_counter()
         w_size, me = self.world_size, self.rank
         checked, headers, plan = self._checked_dispatch(
-            x, topk_weights, topk_ids, num_experts, counter, num_extra=2 * w_size, plan=self._plan
+            x, topk_weights, topk_ids, num_experts, counter, num_extra=self.header_extra_ints(),
+            plan=self._plan,
         )
         recv_rows = tuple(headers.extra[src][me] for src in range(w_size))
         recv_pairs = tuple(headers.extra[src][w_size + me] for src in range(w_size))

@@ -47,7 +47,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 
@@ -582,7 +582,14 @@ def check_dispatch_inputs(
     if isinstance(num_experts, bool) or not isinstance(num_experts, int):
         raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
     if not 1 <= num_experts <= _INT32_MAX:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        raise ValueError(f"num_experts must be in [1, {_INT32_MAX}], got {num_experts}")
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, topk_weights)
+    ):
+        raise ValueError(
+            "dispatch is not differentiable (moe_ep is inference-only for now): x and "
+            "topk_weights require grad; call it under torch.no_grad() or torch.inference_mode()"
+        )
     if x.dim() != 2:
         raise ValueError(f"x must be [num_tokens, hidden], got {_describe(x)}")
     if not x.is_floating_point():
@@ -923,6 +930,24 @@ class All2AllManager(ABC):
             tokens_per_rank=tuple(row[_F_TOKENS] for row in rows),
             extra=tuple(tuple(row[_NUM_FIXED:]) for row in rows),
         )
+
+    def header_extra_ints(self) -> int:
+        """Backend-specific ints this manager adds to every dispatch header (0 by default)."""
+        return 0
+
+    def abort_dispatch(self, error: Exception) -> NoReturn:
+        """Fail a dispatch on every rank: raise ``error`` here, :class:`RemoteInputError` there.
+
+        For callers whose own check fails before they can call ``dispatch`` (a layer handed a
+        tensor of the wrong hidden size): the peers, already waiting in ``dispatch``, learn of
+        the failure through the same header exchange instead of hanging.
+        """
+        self._check_alive()
+        self._exchange_header(
+            "dispatch", [-1] * (_NUM_FIXED - 1), error, [0] * self.header_extra_ints(),
+            self._new_counter(),
+        )
+        raise error  # unreachable: the exchange raised it
 
     def _checked_dispatch(
         self,

@@ -274,9 +274,11 @@ def _worker_main(
 
 def _cleanup_groups() -> None:
     """Leave the worker ready for the next function even if this one forgot to clean up."""
+    from moe_ep.distributed.group import destroy_live_groups
     from moe_ep.distributed.state import destroy_model_parallel
 
     destroy_model_parallel()
+    destroy_live_groups()  # coordinators the function built directly
 
 
 def _portable_error(error: BaseException, rank: int) -> tuple[BaseException, str, int]:
