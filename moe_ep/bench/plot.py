@@ -13,7 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_PHASES = (("dispatch_us", "dispatch"), ("combine_us", "combine"), ("total_us", "dispatch + combine"))
+_PHASES = (
+    ("dispatch_us", "dispatch"),
+    ("combine_us", "combine"),
+    ("total_us", "dispatch + combine"),
+)
 _MAX_SHAPES = 6  # more rows of panels stop being readable; the JSON has every point
 
 

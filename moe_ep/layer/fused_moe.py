@@ -103,7 +103,7 @@ class FusedMoE(nn.Module):
 
         Args: gate `[E, H]`, w_gate / w_up `[E, I, H]`, w_down `[E, H, I]` (any dtype/device).
         """
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size  # noqa: E741
         for name, t, shape in (("gate", gate, (E, H)), ("w_gate", w_gate, (E, I, H)),
                                ("w_up", w_up, (E, I, H)), ("w_down", w_down, (E, H, I))):
             if tuple(t.shape) != shape:

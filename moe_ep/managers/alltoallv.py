@@ -239,8 +239,10 @@ class AllToAllVManager(All2AllManager):
         # Rows and pair records travel in one all-to-all of bytes: the chunk for rank d is
         # [its rows | its pair records]. Both sizes are known everywhere from the header, so
         # no padding is needed and the dispatch costs two collectives (header + this one).
-        send_bytes = [r * row_bytes + 8 * p for r, p in zip(plan.send_rows, plan.send_pairs)]
-        recv_bytes = [r * row_bytes + 8 * p for r, p in zip(recv_rows, recv_pairs)]
+        send_bytes = [
+            r * row_bytes + 8 * p for r, p in zip(plan.send_rows, plan.send_pairs, strict=True)
+        ]
+        recv_bytes = [r * row_bytes + 8 * p for r, p in zip(recv_rows, recv_pairs, strict=True)]
         send = torch.empty(sum(send_bytes), dtype=torch.uint8, device=device)
         pair_bytes = plan.pairs.view(torch.uint8).reshape(-1)
         offset = row = pair = 0
