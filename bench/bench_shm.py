@@ -113,7 +113,11 @@ def _deepspeed(world: int):
     if "MASTER_PORT" not in os.environ:
         # A fresh name per run: DeepSpeed never unlinks its segments, and a stale one from a
         # killed run must not be picked up.
-        port = torch.randint(20000, 60000, (1,)) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.int64)
+        port = (
+            torch.randint(20000, 60000, (1,))
+            if dist.get_rank() == 0
+            else torch.zeros(1, dtype=torch.int64)
+        )
         dist.broadcast(port, src=0)
         os.environ["MASTER_PORT"] = str(int(port))
     if not torch.cuda.is_available():

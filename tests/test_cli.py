@@ -68,7 +68,7 @@ def test_check_config_on_every_shipped_config(capsys, name):
         sel = select(config, topo, phase)
         line = next(x for x in out.splitlines() if x.startswith(f"phase {phase}:"))
         assert f": {sel.rule.describe()}  <- {sel.where}" in line
-        for rule, why in sel.skipped:
+        for _rule, why in sel.skipped:
             assert why in out
     for rule in (*config.all2all.rules, *config.all2all.fallback):
         assert rule.where in out

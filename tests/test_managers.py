@@ -215,7 +215,7 @@ def _decodable(info) -> list[tuple]:
     r, world = info.rank, info.world_size
     report = []
     try:
-        for m, (name, options) in enumerate(MANAGERS):
+        for name, options in MANAGERS:
             mgr = build_manager(name, group, **options)
             for c, (num_experts, topk, dtype) in enumerate(
                 itertools.product((4, 10), (2, 6), (torch.float32, torch.bfloat16))
