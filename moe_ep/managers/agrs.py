@@ -240,20 +240,9 @@ class GatherAllManager(All2AllManager):
         self, expert_out: torch.Tensor, result: DispatchResult | GatheredTokens
     ) -> torch.Tensor:
         """Sum the ``[T, H]`` partial outputs of all ranks; return this rank's ``[N, H]``."""
-        self._check_alive()
-        handle = getattr(result, "handle", None)
-        if not isinstance(handle, GatherHandle):
-            raise TypeError(
-                f"result must come from this manager's dispatch, got {type(result).__name__}"
-            )
-        expected = (handle.total, handle.hidden)
-        if not isinstance(expert_out, torch.Tensor) or tuple(expert_out.shape) != expected:
-            raise ValueError(
-                f"expert_out must be [{handle.total}, {handle.hidden}] (one row per gathered "
-                f"token), got {_describe(expert_out)}"
-            )
-        if not expert_out.is_floating_point():
-            raise TypeError(f"expert_out must have a floating dtype, got {expert_out.dtype}")
+        handle = self._combine_checks(
+            expert_out, result, GatherHandle, lambda h: h.total, "one row per gathered token"
+        )
         counter = self._new_counter()
         out = expert_out.to(handle.dtype).contiguous()
         if self.world_size == 1:

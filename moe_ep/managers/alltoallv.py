@@ -58,7 +58,6 @@ from moe_ep.managers.base import (
     CheckedDispatchInputs,
     DispatchResult,
     Layout,
-    _describe,
     check_option_type,
     expert_placement,
     weighted_row_sum,
@@ -308,23 +307,10 @@ class AllToAllVManager(All2AllManager):
 
     def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         """Weight, reduce per received row, send back, sum per token: ``[N, H]``."""
-        self._check_alive()
-        handle = getattr(result, "handle", None)
-        if not isinstance(handle, AllToAllVHandle):
-            raise TypeError(
-                f"result must come from this manager's dispatch, got {type(result).__name__}"
-            )
-        packed = handle.packed_row.numel()
-        if not isinstance(expert_out, torch.Tensor) or tuple(expert_out.shape) != (
-            packed,
-            handle.hidden,
-        ):
-            raise ValueError(
-                f"expert_out must be [{packed}, {handle.hidden}] (one row per dispatched "
-                f"(token, expert) row), got {_describe(expert_out)}"
-            )
-        if not expert_out.is_floating_point():
-            raise TypeError(f"expert_out must have a floating dtype, got {expert_out.dtype}")
+        handle = self._combine_checks(
+            expert_out, result, AllToAllVHandle, lambda h: h.packed_row.numel(),
+            "one row per dispatched (token, expert) row",
+        )
         counter = self._new_counter()
         partial = weighted_row_sum(
             expert_out, handle.packed_row, handle.packed_weight, sum(handle.recv_rows),

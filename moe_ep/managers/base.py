@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -400,6 +401,15 @@ def _native_segment_sum(values: torch.Tensor, out_dtype: torch.dtype):
         return None
     if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
+    return _native_kernel()
+
+
+@functools.lru_cache(maxsize=1)
+def _native_kernel():
+    """``moe_ep.distributed.shm.segment_sum`` if the native library loads, else None.
+
+    Cached: ``find_spec`` costs ~0.2 ms, and this sits on every combine's path.
+    """
     if importlib.util.find_spec("moe_ep.distributed.shm") is None:
         return None
     from moe_ep.distributed.shm import ShmCommunicator, segment_sum
@@ -851,6 +861,35 @@ class All2AllManager(ABC):
 
     def _new_counter(self) -> WireCounter:
         return WireCounter(self.world_size, self.rank)
+
+    def _combine_checks(
+        self, expert_out: object, result: object, handle_cls: type, rows_of: Callable[[Any], int],
+        meaning: str,
+    ) -> Any:
+        """The local check every ``combine`` starts with; returns ``result.handle``.
+
+        ``result`` must carry a ``handle_cls`` handle from this manager's dispatch and
+        ``expert_out`` must be floating ``[rows_of(handle), hidden]``; ``meaning`` says what a
+        row is, for the message.
+        """
+        self._check_alive()
+        handle = getattr(result, "handle", None)
+        if not isinstance(handle, handle_cls):
+            raise TypeError(
+                f"result must come from this manager's dispatch, got {type(result).__name__}"
+            )
+        rows = rows_of(handle)
+        if not isinstance(expert_out, torch.Tensor) or tuple(expert_out.shape) != (
+            rows,
+            handle.hidden,
+        ):
+            raise ValueError(
+                f"expert_out must be [{rows}, {handle.hidden}] ({meaning}), "
+                f"got {_describe(expert_out)}"
+            )
+        if not expert_out.is_floating_point():
+            raise TypeError(f"expert_out must have a floating dtype, got {expert_out.dtype}")
+        return handle
 
     def _exchange_header(
         self,

@@ -42,7 +42,6 @@ from moe_ep.managers.base import (
     DispatchResult,
     Layout,
     ManagerUnavailableError,
-    _describe,
     check_option_type,
     expert_placement,
 )
@@ -327,22 +326,10 @@ class ShmAll2AllManager(All2AllManager):
 
     def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         """Weight and sum per received row, send back, sum per token: ``[N, H]``."""
-        self._check_alive()
-        handle = getattr(result, "handle", None)
-        if not isinstance(handle, ShmAll2AllHandle):
-            raise TypeError(
-                f"result must come from this manager's dispatch, got {type(result).__name__}"
-            )
-        if not isinstance(expert_out, torch.Tensor) or tuple(expert_out.shape) != (
-            handle.packed_rows,
-            handle.hidden,
-        ):
-            raise ValueError(
-                f"expert_out must be [{handle.packed_rows}, {handle.hidden}] (one row per "
-                f"dispatched (token, expert) row), got {_describe(expert_out)}"
-            )
-        if not expert_out.is_floating_point():
-            raise TypeError(f"expert_out must have a floating dtype, got {expert_out.dtype}")
+        handle = self._combine_checks(
+            expert_out, result, ShmAll2AllHandle, lambda h: h.packed_rows,
+            "one row per dispatched (token, expert) row",
+        )
         if expert_out.device.type != "cpu":
             raise ValueError(f"expert_out must be a CPU tensor, got one on {expert_out.device}")
         counter = self._new_counter()
