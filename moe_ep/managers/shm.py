@@ -166,11 +166,22 @@ class ShmAll2AllManager(All2AllManager):
             )
         comm = getattr(group, "shm", None)
         if comm is None:
+            from moe_ep.distributed.group import in_the_same_node_as
             from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
 
-            ok, reason = ShmCommunicator.available()
-            if not ok:
-                raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
+            # Decided collectively, so that every rank refuses alike instead of leaving its
+            # peers in the segment set-up below: ranks on other hosts cannot map a segment
+            # made in this host's /dev/shm, and the native library may be missing on one host.
+            apart = [r for r, same in enumerate(in_the_same_node_as(group, 0)) if not same]
+            if apart:
+                raise ManagerUnavailableError(
+                    f"manager 'shm' needs every rank of group {self.group_name!r} on one node; "
+                    f"ranks {apart} are not on the node of rank 0"
+                )
+            usable = group.all_gather_object(ShmCommunicator.available())
+            missing = [f"rank {r}: {reason}" for r, (ok, reason) in enumerate(usable) if not ok]
+            if missing:
+                raise ManagerUnavailableError(f"manager 'shm' is unavailable: {'; '.join(missing)}")
             kwargs = {}
             if self.options.buffer_bytes is not None:
                 kwargs["buffer_bytes"] = self.options.buffer_bytes

@@ -190,8 +190,22 @@ class TwoHosts:
         host = self.hosts[index]
         _run(["ip", "-n", host.netns, "link", "set", host.ifname, "down"])
 
-    def processes_left(self) -> list[int]:
-        """PIDs of the processes still running inside either host's network namespace."""
+    def reconnect(self, index: int) -> None:
+        """Undo `cut(index)`."""
+        host = self.hosts[index]
+        _run(["ip", "-n", host.netns, "link", "set", host.ifname, "up"])
+
+    def processes_left(self, wait: float = 0.0) -> list[int]:
+        """PIDs of the processes inside either host's network namespace, after waiting up to
+        `wait` seconds for that list to become empty (killed processes take a moment to go)."""
+        deadline = time.monotonic() + wait
+        left = self._processes_in_namespaces()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = self._processes_in_namespaces()
+        return left
+
+    def _processes_in_namespaces(self) -> list[int]:
         wanted = {f"net:[{ino}]" for ino in self._ns_inodes}
         left = []
         for entry in os.listdir("/proc"):
@@ -209,9 +223,9 @@ class TwoHosts:
         for proc in self._processes:
             proc.kill()
         deadline = time.monotonic() + timeout
-        left = self.processes_left()
+        left = self.processes_left(wait=1.0)
         while left and time.monotonic() < deadline:
-            for pid in left:  # not ours by name: by namespace, which only this object made
+            for pid in left:  # chosen by namespace, and only this object made the namespaces
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

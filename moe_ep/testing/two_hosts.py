@@ -148,6 +148,17 @@ def _same_node_via_hostnames(group, source: int) -> list[bool]:
         return group_module.in_the_same_node_as(group, source)
 
 
+def _same_node_with_equal_names(group) -> list[bool]:
+    """`in_the_same_node_as(group, 0)` while every rank reports the same host name: the probe
+    itself must not depend on names (two hosts may share one)."""
+    from unittest import mock
+
+    from moe_ep.distributed import group as group_module
+
+    with mock.patch.object(group_module.socket, "gethostname", lambda: "one-name"):
+        return group_module.in_the_same_node_as(group, 0)
+
+
 def _selection(config, topology) -> dict[str, Any]:
     from moe_ep.config import select
 
@@ -160,23 +171,12 @@ def _selection(config, topology) -> dict[str, Any]:
 
 
 def _cli(argv: Sequence[str]) -> tuple[int, str]:
-    """`moe-ep ARGV` in this (torchrun) process; its exit status and stdout.
-
-    The command ends by destroying the default process group (it is meant to own its
-    process); here the job keeps it so that one job can ask about several configs.
-    """
-    import torch.distributed as dist
-
+    """`moe-ep ARGV` in this (torchrun) process: its exit status and stdout."""
     from moe_ep.cli import main
 
     buf = io.StringIO()
-    destroy = dist.destroy_process_group
-    dist.destroy_process_group = lambda *a, **k: None
-    try:
-        with contextlib.redirect_stdout(buf):
-            code = main(list(argv))
-    finally:
-        dist.destroy_process_group = destroy
+    with contextlib.redirect_stdout(buf):
+        code = main(list(argv))
     return code, buf.getvalue()
 
 
@@ -216,6 +216,7 @@ def job_checks(out_dir: Path) -> dict[str, Any]:
         report["topology_tp"] = {"internode": Topology.detect(tp).internode}
         report["same_node_probe"] = {str(s): in_the_same_node_as(ep, s) for s in (0, 2)}
         report["same_node_hostnames"] = {str(s): _same_node_via_hostnames(ep, s) for s in (0, 2)}
+        report["same_node_probe_equal_names"] = _same_node_with_equal_names(ep)
         report["availability"] = {n: list(v) for n, v in available_managers(topo).items()}
         try:
             build_manager("shm", ep).destroy()
@@ -234,6 +235,8 @@ def job_checks(out_dir: Path) -> dict[str, Any]:
         destroy_model_parallel()
     report["check_config"] = {name: _cli(["check-config", path]) for name, path in
                               configs.items()}
+    dist.barrier()  # every rank of this host is done with its segments
+    report["shm_left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith("moe_ep"))
     dist.destroy_process_group()
     return report
 
@@ -310,6 +313,9 @@ def torchrun_argv(hosts: TwoHosts, entry: Sequence[str], run_id: str) -> list[st
 
 def start_job(hosts: TwoHosts, entry: Sequence[str], label: str,
               env: dict[str, str] | None = None) -> list[HostProcess]:
+    """Start torchrun with `entry` on both hosts; files `LABEL.*` of an earlier run are removed."""
+    for stale in hosts.tmp.glob(f"{label}.*"):
+        stale.unlink()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -317,16 +323,12 @@ def start_job(hosts: TwoHosts, entry: Sequence[str], label: str,
     return [hosts.popen(i, argv, env=env, label=label) for i in range(2)]
 
 
-def finish_job(procs: Sequence[HostProcess], started: float, timeout: float,
-               kill_after: bool = True) -> JobResult:
+def finish_job(procs: Sequence[HostProcess], started: float, timeout: float) -> JobResult:
     """Wait for both hosts until `started + timeout`; kill whatever still runs then."""
-    rcs = []
-    for p in procs:
-        rcs.append(p.wait(started + timeout - time.monotonic()))
+    rcs = [p.wait(started + timeout - time.monotonic()) for p in procs]
     timed_out = any(rc is None for rc in rcs)
-    if kill_after:
-        for p in procs:
-            p.kill()
+    for p in procs:
+        p.kill()
     outs = [p.output() for p in procs]
     return JobResult(tuple(rcs), tuple(o for o, _ in outs), tuple(e for _, e in outs),
                      time.monotonic() - started, timed_out)
@@ -362,35 +364,36 @@ def run_bench(hosts: TwoHosts, bench_args: Sequence[str], timeout: float = 150.0
 
 @dataclass
 class CutResult:
-    job: JobResult
-    t_cut: float | None  # time.time() when host 1's link went down (None: never got ready)
+    job: JobResult  # rc[1] is None: host 1 was still running when it was killed
+    t_cut: float | None  # time.time() when host 1's link went down (None: never got that far)
     host0_exit_s: float | None  # seconds from the cut until host 0's torchrun exited
-    reports: list
+    reports: list  # every rank's report (None for a rank that wrote none)
 
 
 def run_cut(hosts: TwoHosts, pg_timeout_s: float, timeout: float = 120.0) -> CutResult:
     """Loop dispatch/combine on both hosts, take host 1 off the network once every rank runs,
-    and wait for host 0's ranks to fail."""
+    and wait for host 0's ranks to fail. Host 1 is then killed (its launcher may wait long for
+    the store it lost) and reconnected, so the hosts can run further jobs."""
     started = time.monotonic()
     procs = start_job(hosts, ["-m", "moe_ep.testing.two_hosts", "cut", str(hosts.tmp)], "cut",
                       {TIMEOUT_ENV: str(pg_timeout_s)})
     t_cut = host0_exit = None
     ready = [hosts.tmp / f"cut.ready{r}" for r in range(2 * NPROC_PER_NODE)]
-    while time.monotonic() < started + timeout and all(p.poll() is None for p in procs):
-        if all(path.exists() for path in ready):
-            hosts.cut(1)
-            t_cut = time.time()
-            cut_mono = time.monotonic()
-            if procs[0].wait(started + timeout - cut_mono) is not None:
-                host0_exit = time.monotonic() - cut_mono
-            break
-        time.sleep(0.05)
-    # Host 1 is cut off; it is not waited for (its launcher may wait for the lost store).
-    job = finish_job(procs[:1], started, 0.0) if t_cut else finish_job(procs, started, timeout)
-    procs[1].kill()
-    o1, e1 = procs[1].output()
-    job = JobResult((job.rc[0], procs[1].poll()), (job.stdout[0], o1), (job.stderr[0], e1),
-                    job.wall_s, job.timed_out)
+    try:
+        while time.monotonic() < started + timeout and all(p.poll() is None for p in procs):
+            if all(path.exists() for path in ready):
+                hosts.cut(1)
+                t_cut, cut_mono = time.time(), time.monotonic()
+                if procs[0].wait(started + timeout - cut_mono) is not None:
+                    host0_exit = time.monotonic() - cut_mono
+                break
+            time.sleep(0.05)
+        job = finish_job(procs, started, timeout if t_cut is None else 0.0)
+    finally:
+        for p in procs:
+            p.kill()
+        if t_cut is not None:
+            hosts.reconnect(1)
     return CutResult(job, t_cut, host0_exit, _rank_reports(hosts, "cut"))
 
 
