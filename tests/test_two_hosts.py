@@ -23,7 +23,7 @@ from moe_ep.config import load_config, select, shipped_configs
 from moe_ep.testing import netns, two_hosts
 
 SUPPORTED, WHY = netns.namespace_support()
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason=f"two hosts need namespaces: {WHY}")
+needs_namespaces = pytest.mark.skipif(not SUPPORTED, reason=f"two hosts need namespaces: {WHY}")
 
 WORLD = 2 * two_hosts.NPROC_PER_NODE
 HOST_OF = [0, 0, 1, 1]  # torchrun gives node 0 ranks 0-1 (the rendezvous host first)
@@ -58,6 +58,7 @@ def checks(hosts):
     return reports
 
 
+@needs_namespaces
 def test_each_host_is_private(checks):
     """Per host: one host name, one network namespace, one /dev/shm; none shared across."""
     for key in ("hostname", "netns", "shm_dev"):
@@ -66,6 +67,7 @@ def test_each_host_is_private(checks):
         assert values[0] != values[2], (key, values)
 
 
+@needs_namespaces
 def test_topology_is_internode(checks):
     for r in checks:
         topo = r["topology_ep"]
@@ -76,6 +78,7 @@ def test_topology_is_internode(checks):
         assert r["topology_tp"]["internode"] is False  # a TP group stays inside its host
 
 
+@needs_namespaces
 def test_same_node_probe_and_hostname_fallback(checks):
     """The /dev/shm probe, the host-name fallback (the probe file cannot be made) and the probe
     under equal host names all answer by host; every rank gets the same flags."""
@@ -86,6 +89,7 @@ def test_same_node_probe_and_hostname_fallback(checks):
         assert r["same_node_probe_equal_names"] == want["0"]
 
 
+@needs_namespaces
 def test_shm_transport_only_inside_a_host(checks):
     for r in checks:
         # Groups spanning both hosts use gloo; the TP group of each host uses shared memory.
@@ -102,6 +106,7 @@ def test_shm_transport_only_inside_a_host(checks):
             assert row["shape_ok"] and row["err"] <= row["atol"], row
 
 
+@needs_namespaces
 def test_contract_across_hosts(checks):
     cases = len(two_hosts.CONTRACT_MANAGERS) * len(two_hosts.CONTRACT_CASES)
     scales = []
@@ -128,6 +133,7 @@ def _without_topology_note(text: str) -> list[str]:
     return [line for line in text.splitlines() if not line.startswith("topology (")]
 
 
+@needs_namespaces
 def test_configs_select_as_check_config_predicts(checks, hosts, monkeypatch):
     """`moe-ep check-config CFG` inside the job prints what `--nodes 2 --world-size 4` predicts
     on this machine, rule by rule; and the selection inside the job is the predicted one."""
@@ -167,6 +173,7 @@ def test_configs_select_as_check_config_predicts(checks, hosts, monkeypatch):
         checks[0]["check_config"]["multi-node-rdma"][1])
 
 
+@needs_namespaces
 def test_bench_under_torchrun(hosts):
     """`torchrun --nnodes 2 ... -m moe_ep bench`, as the README runs it, at a tiny size."""
     job = two_hosts.run_bench(hosts, ["--tokens", "1,8", "--hidden", "32", "--experts", "8",
@@ -188,6 +195,7 @@ def test_bench_under_torchrun(hosts):
     assert "total us p50" not in job.stdout[1]
 
 
+@needs_namespaces
 def test_cut_off_host_fails_the_other_within_the_timeout(hosts):
     """Host 1's link goes down mid-run: host 0's ranks raise a timeout error within the
     process-group timeout, and its torchrun exits with an error soon after."""
@@ -208,3 +216,22 @@ def test_cut_off_host_fails_the_other_within_the_timeout(hosts):
         # The rank's error reached host 0's console, naming the rank and its host.
         assert f"rank {rank} ({hosts.hosts[0].hostname}): " in job.stderr[0]
     assert hosts.processes_left(wait=5.0) == []  # both hosts' processes are gone
+
+
+def test_namespace_support_says_why_not(monkeypatch, tmp_path):
+    """Where the hosts cannot be made, the reason is specific (and nothing is left behind)."""
+    monkeypatch.setattr(netns.sys, "platform", "linux")
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    ok, why = netns.namespace_support()
+    assert not ok and "needs root" in why
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    ok, why = netns.namespace_support()
+    assert not ok and why.startswith("ip and unshare not found"), why
+    for tool in ("ip", "unshare"):  # present, but refused (an unprivileged container)
+        script = tmp_path / tool
+        script.write_text("#!/bin/sh\necho 'mount --make-shared /run/netns failed: "
+                          "Operation not permitted' >&2\nexit 1\n")
+        script.chmod(0o755)
+    ok, why = netns.namespace_support()
+    assert not ok and "cannot create namespaces here" in why and "not permitted" in why, why
