@@ -96,6 +96,15 @@ def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
+def _die_with_parent() -> None:
+    """In the launcher, before exec: SIGKILL it if the process that started it dies (a killed
+    test run must not leave hosts running; the PID namespace takes the rest with it)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def namespace_support() -> tuple[bool, str]:
     """Whether `TwoHosts` can be built here, and if not, why (no side effects left behind)."""
     if not sys.platform.startswith("linux"):
@@ -180,7 +189,7 @@ class TwoHosts:
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                      env=dict(os.environ if env is None else env),
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         proc = HostProcess(host, popen, stdout_path, stderr_path)
         self._processes.append(proc)
         return proc

@@ -6,8 +6,8 @@ Two halves:
   `... cut OUT`. Each rank writes what it saw to `OUT/<job>.rank<R>.json`; nothing is judged
   there, so a failure is reported by the caller with all ranks' evidence.
 - caller side: `run_job` starts one torchrun agent per host and waits for both (killing both
-  hosts' processes at its timeout); `run_checks`, `run_bench` and `run_cut` run the three jobs
-  that `bench/two_hosts.py` and `tests/test_two_hosts.py` share.
+  hosts' processes at its timeout); `run_checks`, `run_cli` / `run_bench` and `run_cut` run
+  the jobs that `bench/two_hosts.py` and `tests/test_two_hosts.py` share.
 
 Environment read on the rank side: `MOE_EP_TWO_HOSTS_TIMEOUT_S`, the process-group timeout
 (`init_distributed(timeout=...)`; default 30 s).
@@ -356,10 +356,16 @@ def run_checks(hosts: TwoHosts, timeout: float = 150.0) -> tuple[JobResult, list
     return job, _rank_reports(hosts, "checks")
 
 
+def run_cli(hosts: TwoHosts, argv: Sequence[str], label: str = "cli",
+            timeout: float = 150.0) -> JobResult:
+    """`torchrun ... -m moe_ep ARGV` on the two hosts, as a user would launch it."""
+    return run_job(hosts, ["-m", "moe_ep", *argv], label, timeout)
+
+
 def run_bench(hosts: TwoHosts, bench_args: Sequence[str], timeout: float = 150.0) -> JobResult:
     """`torchrun ... -m moe_ep bench BENCH_ARGS` on the two hosts (results in tmp/bench)."""
-    return run_job(hosts, ["-m", "moe_ep", "bench", *bench_args,
-                           "--out", str(hosts.tmp / "bench")], "bench", timeout)
+    return run_cli(hosts, ["bench", *bench_args, "--out", str(hosts.tmp / "bench")], "bench",
+                   timeout)
 
 
 @dataclass
