@@ -58,9 +58,9 @@ def _checks(hosts) -> bool:
               f"same_node={r['topology_ep']['same_node']} shm transport={r['shm_transport']}")
     r0 = reports[0]
     print(f"topology: {r0['topology_ep']['describe']}")
+    fallback = {source: flags for source, (flags, _) in r0["same_node_hostnames"].items()}
     print(f"same-node probe from rank 0 / rank 2: {r0['same_node_probe']}; host-name fallback: "
-          f"{r0['same_node_hostnames']}; probe with equal host names: "
-          f"{r0['same_node_probe_equal_names']}")
+          f"{fallback}; probe with equal host names: {r0['same_node_probe_equal_names']}")
     print(f"shm manager across the hosts: {r0['shm_across_hosts']}")
     print(f"shm left in /dev/shm per rank: {[r['shm_left'] for r in reports]}")
     worst: dict[str, float] = {}

@@ -5,7 +5,7 @@ namespaces joined by a veth pair, each with its own host name, /dev/shm and PID 
 Three torchrun jobs on one pair of hosts (`moe_ep.testing.two_hosts`): the checks job
 (topology, same-node decisions, shm refusal, config selection and `moe-ep check-config` in the
 job, the contract of every portable manager), `python -m moe_ep bench`, and a job whose host 1
-is cut off mid-run. About 35 s on 2 cores.
+is cut off mid-run. About 40 s on 2 idle cores (55 s while other tests load them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ SUPPORTED, WHY = netns.namespace_support()
 needs_namespaces = pytest.mark.skipif(not SUPPORTED, reason=f"two hosts need namespaces: {WHY}")
 
 WORLD = 2 * two_hosts.NPROC_PER_NODE
-HOST_OF = [0, 0, 1, 1]  # torchrun gives node 0 ranks 0-1 (the rendezvous host first)
 CUT_TIMEOUT_S = 5.0
 
 
@@ -85,8 +84,11 @@ def test_same_node_probe_and_hostname_fallback(checks):
     want = {"0": [True, True, False, False], "2": [False, False, True, True]}
     for r in checks:
         assert r["same_node_probe"] == want
-        assert r["same_node_hostnames"] == want
         assert r["same_node_probe_equal_names"] == want["0"]
+        for source, (flags, asked_name) in r["same_node_hostnames"].items():
+            assert flags == want[source], (r["rank"], source, flags)
+            if r["rank"] != int(source):
+                assert asked_name, "the host-name fallback was not taken"
 
 
 @needs_namespaces

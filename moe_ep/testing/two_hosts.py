@@ -50,8 +50,10 @@ all2all:
   fallback: [naive]
 """
 
-# dispatch -> apply_experts -> combine cases: (num_experts, topk, dtype name, hidden).
-CONTRACT_CASES = tuple(itertools.product((4, 6), (1, 3), ("float32", "bfloat16"), (16,)))
+# dispatch -> apply_experts -> combine cases: (num_experts, topk, dtype name, hidden); E=5 and 6
+# place experts unevenly on 4 ranks.
+CONTRACT_CASES = (*itertools.product((4, 6), (1, 3), ("float32", "bfloat16"), (16,)),
+                  (8, 2, "float32", 64), (5, 4, "bfloat16", 32))
 CONTRACT_MANAGERS = (("naive", {}), ("allgather_reducescatter", {}), ("alltoallv", {}),
                      ("alltoallv", {"dedup": False}))
 ATOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -65,8 +67,10 @@ def _timeout() -> timedelta:
 
 
 def _tokens(world: int, case: int) -> list[int]:
-    """Tokens per rank: differing, and one rank (rotating with the case) has none."""
-    return [0 if r == case % world else 1 + (3 * r + case) % 5 for r in range(world)]
+    """Tokens per rank: differing, one rank (rotating with the case) has none, and every third
+    case sends a few dozen."""
+    extra = 30 if case % 3 == 2 else 0
+    return [0 if r == case % world else 1 + (3 * r + case) % 5 + extra for r in range(world)]
 
 
 def _global_inputs(seed: int, counts: Sequence[int], num_experts: int, topk: int, dtype,
@@ -82,7 +86,7 @@ def _global_inputs(seed: int, counts: Sequence[int], num_experts: int, topk: int
         ids[torch.rand(n, topk, generator=gen) < 0.2] = -1
         weights = torch.rand(n, topk, generator=gen)
         weights[ids < 0] = 5.0  # must be ignored
-        out.append((x, weights, ids))
+        out.append((x, weights, ids.to(torch.int32 if len(out) % 2 else torch.int64)))
     return out
 
 
@@ -129,23 +133,30 @@ def _contract_rows(group, managers, cases, seed0: int = 0) -> list[dict[str, Any
     return rows
 
 
-def _same_node_via_hostnames(group, source: int) -> list[bool]:
-    """`in_the_same_node_as`, with the probe file failing on the source (the host-name path)."""
+def _same_node_via_hostnames(group, source: int) -> tuple[list[bool], bool]:
+    """`in_the_same_node_as` with the probe file failing on the source (the host-name path);
+    also whether this rank looked at its host name (so the path was really taken)."""
     from unittest import mock
 
     from moe_ep.distributed import group as group_module
 
-    if group.rank_in_group != source:
-        return group_module.in_the_same_node_as(group, source)
+    os_open, gethostname, asked = os.open, socket.gethostname, []
 
     def no_shm(path, *args, **kwargs):
         if str(path).startswith("/dev/shm/"):
             raise PermissionError(13, "no /dev/shm (simulated)", path)
         return os_open(path, *args, **kwargs)
 
-    os_open = os.open
-    with mock.patch.object(group_module.os, "open", no_shm):
-        return group_module.in_the_same_node_as(group, source)
+    def counted() -> str:
+        asked.append(True)
+        return gethostname()
+
+    with contextlib.ExitStack() as stack:
+        if group.rank_in_group == source:
+            stack.enter_context(mock.patch.object(group_module.os, "open", no_shm))
+        stack.enter_context(mock.patch.object(group_module.socket, "gethostname", counted))
+        flags = group_module.in_the_same_node_as(group, source)
+    return flags, bool(asked)
 
 
 def _same_node_with_equal_names(group) -> list[bool]:
@@ -276,8 +287,12 @@ def job_cut(out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    job, out = (list(sys.argv[1:]) if argv is None else list(argv))
-    out_dir = Path(out)
+    args = list(sys.argv[1:]) if argv is None else list(argv)
+    if len(args) != 2 or args[0] not in ("checks", "cut"):
+        print("usage (under torchrun): python -m moe_ep.testing.two_hosts checks|cut OUT_DIR",
+              file=sys.stderr)
+        return 2
+    job, out_dir = args[0], Path(args[1])
     rank = os.environ["RANK"]
     report = {"checks": job_checks, "cut": job_cut}[job](out_dir)
     (out_dir / f"{job}.rank{rank}.json").write_text(json.dumps(report, indent=1))
