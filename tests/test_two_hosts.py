@@ -51,7 +51,7 @@ def checks(hosts):
     job, reports = two_hosts.run_checks(hosts, timeout=150)
     assert not job.timed_out and job.rc == (0, 0), _diagnose(job)
     assert all(r is not None for r in reports), _diagnose(job)
-    # The ranks land where torchrun says: node 0 (the rendezvous host) has ranks 0 and 1.
+    # torchrun numbers the nodes in the sorted order of their host names: host 0 has ranks 0-1.
     hostnames = [r["hostname"] for r in reports]
     assert [h.hostname for h in hosts.hosts for _ in range(2)] == hostnames, hostnames
     return reports
