@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Host", "HostProcess", "TwoHosts", "namespace_support"]
@@ -57,7 +57,6 @@ class HostProcess:
     popen: subprocess.Popen
     stdout_path: Path
     stderr_path: Path
-    started: float = field(default_factory=time.monotonic)
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -118,6 +117,8 @@ def namespace_support() -> tuple[bool, str]:
     try:
         _run(["ip", "netns", "add", name])
         try:
+            _run(["ip", "-n", name, "link", "add", "probe0", "type", "veth", "peer", "name",
+                  "probe1"])
             _run(["ip", "netns", "exec", name, "unshare", "--uts", "--mount", "--pid", "--fork",
                   "--kill-child", "--mount-proc", "--", "/bin/sh", "-c",
                   "hostname moeep-probe && mount -t tmpfs tmpfs /dev/shm"])
