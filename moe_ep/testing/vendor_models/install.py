@@ -91,9 +91,11 @@ def build_modules(name: str) -> dict[str, types.ModuleType]:
 
 
 def _reset(name: str) -> None:
-    """Forget process-wide model state (NVSHMEM initialisation) between tests."""
+    """Forget process-wide model state (NVSHMEM, the SM count) between tests."""
     if name == "pplx_kernels":
         pplx_model._NVSHMEM = pplx_model._NvshmemState()
+    if name == "deep_ep":
+        deepep_model.Buffer.num_sms = 20  # set_num_sms is process-global, as in DeepEP
 
 
 _MISSING = object()

@@ -400,7 +400,7 @@ def _dispatch_send(st: _State, dp_x: torch.Tensor, dp_x_scale: Optional[torch.Te
     mine = torch.arange(n) % st.dp_size == st.rank % st.dp_size
     tok, kk = torch.nonzero(mine.unsqueeze(1).expand(n, ids.shape[1]), as_tuple=True)
     expert = ids[tok, kk]
-    raw = dp_x[:n].contiguous().view(torch.uint8).reshape(n, -1)[:, :st.hidden_dim_bytes]
+    raw = dp_x[:n].contiguous().view(torch.uint8).reshape(n, row_bytes)[:, :st.hidden_dim_bytes]
     meta, data, scales = [], [], []
     for j in range(w):
         sel = (expert // local) == j
