@@ -297,6 +297,13 @@ def _deepep_ll(info, max_tokens, num_experts, topk) -> None:
         assert {k: _decode(v) for k, v in _ll_blocks(recv_h, handle_h, e).items()} == \
             {k: _decode(v) for k, v in _ll_blocks(recv, handle, e).items()}
 
+    # A pending hook dies with the next LL launch on the Buffer (it re-arms the signals).
+    _, _, _, _, stale = buf.low_latency_dispatch(x, ids, max_tokens, num_experts,
+                                                 use_fp8=False, return_recv_hook=True)
+    buf.low_latency_dispatch(x, ids, max_tokens, num_experts, use_fp8=False)
+    with pytest.raises(VendorContractError, match="newer LL kernel"):
+        stale()
+
     # FP8: e4m3 data with per-128-channel scales, column-major in the last two dims.
     xr = torch.randn((x.shape[0], hidden), generator=torch.Generator().manual_seed(rank)) \
         .to(torch.bfloat16)

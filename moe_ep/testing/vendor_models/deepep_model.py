@@ -31,6 +31,11 @@ Modelled (``Buffer``, the v1 "legacy" API vLLM uses):
   the model shuffles both; ``return_recv_hook`` (data lands only when the hook runs);
 * ``low_latency_combine``: **weighted** fp32 sum ``sum_k w_k y_k`` (``-1`` skipped), bf16; the
   ``out=`` and ``zero_copy`` forms (``get_next_low_latency_combine_buffer``);
+* the LL double buffer ("at most two live results"): in 2.1.0 the returned tensors are fresh
+  allocations, but the two RDMA buffers alternate per LL launch and each launch zeroes the
+  other one's signal area, so a receive hook must run before the next LL launch on the same
+  Buffer, and a zero-copy combine must be the next LL launch after
+  ``get_next_low_latency_combine_buffer`` (:class:`VendorContractError` otherwise);
 * limits: hidden in {2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192}, top-k <= 11, tokens <=
   max, ``W * max % 4 == 0``, FP8 needs ``hidden % 512 == 0``, ``(max + 1) * 2 <= QP depth``
   (1024 by default: max <= 511), ``E % W == 0``, ``num_rdma_bytes`` >= the layout;
@@ -919,10 +924,12 @@ class Buffer:
         count_shown = poison_(recv_count.clone())
 
         def hook() -> None:
-            if rt.ll_launches > launch + 1:
+            # The next LL launch re-arms (zeroes) the signal area this receive polls: the
+            # two RDMA buffers alternate per launch and each launch cleans the other one.
+            if rt.ll_launches > launch:
                 raise VendorContractError(
-                    "LL receive hook called after two newer LL kernels: its data in the "
-                    "double-buffered RDMA area has been overwritten")
+                    "LL receive hook called after a newer LL kernel on this Buffer: that "
+                    "launch cleaned the signal area this receive waits on (hang or stale data)")
             if use_fp8:
                 shown[0].copy_(ready[0])
                 shown[1].copy_(ready[1])
@@ -998,9 +1005,10 @@ class Buffer:
               ("ll_combine", max_tokens, hidden, num_experts, next(rt.calls)))
         data = x
         if zero_copy:
-            if rt.next_combine_buffer is None:
-                raise VendorContractError("zero_copy combine without a filled "
-                                          "get_next_low_latency_combine_buffer()")
+            if rt.next_combine_buffer is None or rt.next_combine_launch != rt.ll_launches:
+                raise VendorContractError(
+                    "zero_copy combine must be the next LL kernel after "
+                    "get_next_low_latency_combine_buffer() (that buffer is the next launch's)")
             data = rt.next_combine_buffer
         rt.next_combine_buffer = None
         # Each valid row goes back to its source rank, keyed by (global expert, token).
@@ -1047,8 +1055,9 @@ class Buffer:
         launch = rt.ll_launches
 
         def hook() -> None:
-            if rt.ll_launches > launch + 1:
-                raise VendorContractError("LL receive hook called after two newer LL kernels")
+            if rt.ll_launches > launch:
+                raise VendorContractError("LL receive hook called after a newer LL kernel on "
+                                          "this Buffer (its signal area was re-armed)")
             combined.copy_(result)
 
         return combined, event, hook
@@ -1066,6 +1075,7 @@ class Buffer:
         base = poison_(torch.empty((local, w * max_tokens, msg), dtype=torch.bfloat16))
         view = base[:, :, :hidden]
         rt.next_combine_buffer = view
+        rt.next_combine_launch = rt.ll_launches
         return view
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
@@ -1098,6 +1108,7 @@ class _Runtime:
         self.ll_launches = 0
         self.rdma_dirty = False
         self.next_combine_buffer: Optional[torch.Tensor] = None
+        self.next_combine_launch = -1
 
 
 # ------------------------------------------------------------------------------ ElasticBuffer
