@@ -129,6 +129,14 @@ def _deepep_ht(info, cases) -> None:
         rank_prefix = handle[0]
         assert int(rank_prefix[w - 1, rank]) == len(exp_rows)
 
+        # async_finish hands back an event to wait on (a no-op on CPU); `with` waits on exit.
+        *_, event = buf.dispatch(x, handle=handle, async_finish=True)
+        assert event.event is not None
+        event.current_stream_wait()
+        with buf.dispatch(x, handle=handle, async_finish=True)[-1]:
+            pass
+        assert buf.dispatch(x, handle=handle)[-1].event is None
+
         # Cached replay: same layout, new data, no top-k back.
         x2 = x * 2
         replay = buf.dispatch(x2, handle=handle)
@@ -296,6 +304,9 @@ def _deepep_ll(info, max_tokens, num_experts, topk) -> None:
     for e in range(local):
         assert {k: _decode(v) for k, v in _ll_blocks(recv_h, handle_h, e).items()} == \
             {k: _decode(v) for k, v in _ll_blocks(recv, handle, e).items()}
+
+    # clean_low_latency_buffer is collective and leaves the buffer usable.
+    buf.clean_low_latency_buffer(max_tokens, hidden, num_experts)
 
     # A pending hook dies with the next LL launch on the Buffer (it re-arms the signals).
     _, _, _, _, stale = buf.low_latency_dispatch(x, ids, max_tokens, num_experts,
