@@ -63,7 +63,6 @@ import torch.distributed as dist
 
 from moe_ep.testing.vendor_models._common import (
     ModelNotImplementedError,
-    SimulatedHang,
     VendorContractError,
     agree,
     alltoallv,
@@ -1437,5 +1436,3 @@ def get_logical_domain_size(group: dist.ProcessGroup,
     """``(num_scaleout_ranks, num_scaleup_ranks)``: one scale-up domain in the model."""
     return 1, group.size()
 
-
-_ = SimulatedHang  # re-exported through the package for adapter tests

@@ -57,7 +57,6 @@ from moe_ep.testing.vendor_models._common import (
     agree,
     alltoallv,
     order_generator,
-    poison_,
 )
 
 __all__ = [
@@ -519,5 +518,3 @@ def _combine(st: _State, out_tokens: torch.Tensor, indices: torch.Tensor, weight
                 acc[t] += float(weights[t, k]) * entry[1]
         out_tokens[:n] = acc.to(out_tokens.dtype)
 
-
-_ = poison_  # kept importable for tests that poison caller-allocated outputs
