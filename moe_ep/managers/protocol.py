@@ -267,7 +267,8 @@ def implicit_handle(
     if error is None:
         try:
             spec = inputs.implicit_spec(x, topk_ids, num_experts, x_scales)
-            mgr._check_spec(replace(spec, max_tokens_per_rank=1 << 30))
+            # Checked at the smallest capacity such a handle gets (a backend may bound it).
+            mgr._check_spec(replace(spec, max_tokens_per_rank=mgr.implicit_capacity))
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             error = exc
     if not mgr.collective_handles:

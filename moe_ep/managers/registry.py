@@ -2,9 +2,9 @@
 
 Entries are lazy import paths (``"module:Class"``): importing this module imports no backend,
 and asking about one backend imports only its module, so vendor packages are touched only by
-the backend that needs them (and the placeholders only look for them with
+the backend that needs them, when it is built (``availability`` only looks for them with
 ``importlib.util.find_spec``). Names follow vLLM; ``agrs`` is an alias of
-``allgather_reducescatter``.
+``allgather_reducescatter``, ``flashinfer_all2allv`` (vLLM's) of ``flashinfer_mnnvl``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ MANAGERS: Mapping[str, str] = {
     "deepep_high_throughput": "moe_ep.managers.deepep:DeepEPHighThroughputManager",
     "deepep_low_latency": "moe_ep.managers.deepep:DeepEPLowLatencyManager",
     "pplx": "moe_ep.managers.pplx:PplxManager",
-    "flashinfer_all2allv": "moe_ep.managers.flashinfer:FlashInferAll2AllVManager",
+    "flashinfer_mnnvl": "moe_ep.managers.flashinfer:FlashInferMnnvlManager",
 }
 
 #: Alias -> canonical name.
-ALIASES: Mapping[str, str] = {"agrs": "allgather_reducescatter"}
+ALIASES: Mapping[str, str] = {
+    "agrs": "allgather_reducescatter",
+    # vLLM's name of its FlashInfer backend (an all-to-all-v in FlashInfer < 0.7).
+    "flashinfer_all2allv": "flashinfer_mnnvl",
+}
 
 
 class _BackendModuleMissing(ImportError):
@@ -105,7 +109,8 @@ def build_manager(name: str, group: GroupCoordinator, **options: Any) -> All2All
         ValueError: unknown name (the message lists the known ones).
         TypeError: an option the backend does not accept (the message lists the allowed ones).
         ImportError: the backend's module is missing or fails to import.
-        ManagerUnavailableError: the backend cannot run here (vendor placeholders).
+        ManagerUnavailableError: the backend cannot run here (a vendor package missing, no
+            CUDA, an unsupported world size: the reason on every rank).
     """
     return get_manager_class(name)(group, **options)
 
