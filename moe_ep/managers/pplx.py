@@ -52,8 +52,8 @@ from moe_ep.managers.vendor import VendorHandle, VendorManager, VendorOptions, V
 
 __all__ = ["PplxManager", "PplxOptions", "fill_missing_ids"]
 
-_HINT = ("build pplx-kernels from source: github.com/ppl-ai/pplx-kernels@12cecfd, needs CUDA "
-         "and NVSHMEM; docs/backends.md")
+_HINT = ("build pplx-kernels from source, github.com/ppl-ai/pplx-kernels@12cecfd, with the "
+         "CUDA toolkit and NVSHMEM: docs/backends.md")
 _COMBINE_DTYPES = (torch.bfloat16, torch.float16)
 
 # NVSHMEM is one job per process: who initialised it, per vendor module object (a contract

@@ -105,8 +105,9 @@ SURFACES: tuple[Surface, ...] = tuple(
          "EventOverlap.register_hook_after_wait", "EventOverlap.__call__")
     + _s("deep_ep", "deep_ep/utils/envs.py", _D,
          "get_physical_domain_size", "get_logical_domain_size")
-    + [Surface("deep_ep", "Config.__init__", "pybind:csrc/legacy/buffer.hpp",
-               f"{_D}:Config.__init__")]
+    + [Surface("deep_ep", f"Config.{m}", "pybind:csrc/legacy/buffer.hpp",
+               f"{_D}:Config.{m}")
+       for m in ("__init__", "get_nvl_buffer_size_hint", "get_rdma_buffer_size_hint")]
     + _s("pplx_kernels", "src/pplx_kernels/all_to_all.py", _P,
          "AllToAll.__init__", "AllToAll.dispatch", "AllToAll.combine", "AllToAll.destroy",
          "AllToAll.intranode", "AllToAll.internode")
@@ -135,6 +136,17 @@ EXPORT_FILES = {
     "deep_ep": "deep_ep/__init__.py",
     "pplx_kernels": "src/pplx_kernels/__init__.py",
 }
+#: Submodules whose exports are recorded too (the names an adapter reads from them are checked
+#: against these): module -> (package, file). Recorded as ``<exports MODULE>``.
+SUBMODULE_EXPORT_FILES = {
+    "flashinfer.moe_ep": ("flashinfer", "flashinfer/moe_ep/__init__.py"),
+    "flashinfer.fused_moe": ("flashinfer", "flashinfer/fused_moe/__init__.py"),
+}
+
+
+def exports_key(module: str) -> str:
+    """The snapshot key of `module`'s exports (in its package's signatures)."""
+    return "<exports>" if "." not in module else f"<exports {module}>"
 
 #: EP_HOST_ASSERT texts of limits the deep_ep model enforces; each must be compiled into the
 #: wheel's ``deep_ep/_C*.so`` (evidence that the wheel's C++ has the same checks).
@@ -292,6 +304,22 @@ def pybind_config_signature(cpp: str) -> Sig:
         [name, "POSITIONAL_OR_KEYWORD", value] for name, value in args]
 
 
+def pybind_method_signature(binding_cpp: str, header_cpp: str, method: str) -> Sig:
+    """A ``Config`` method bound without ``py::arg`` (``.def("m", &Config::m)``): pybind11
+    then takes its arguments positionally only; their number comes from the C++ declaration
+    in ``header_cpp`` (DeepEP's ``csrc/legacy/config.hpp``)."""
+    import re
+
+    if not re.search(rf'\.def\("{method}",\s*&Config::{method}\)', binding_cpp):
+        raise KeyError(f"Config.{method}: no keyword-less pybind11 binding found")
+    decl = re.search(rf"\b{method}\s*\(([^)]*)\)", header_cpp)
+    if decl is None:
+        raise KeyError(f"Config.{method}: no C++ declaration found")
+    params = [p for p in decl.group(1).split(",") if p.strip()]
+    return [["self", "POSITIONAL_ONLY", None]] + [
+        [f"arg{i}", "POSITIONAL_ONLY", None] for i in range(len(params))]
+
+
 # ------------------------------------------------------------------------------ models
 def _resolve(path: str) -> Any:
     module, _, qual = path.partition(":")
@@ -348,23 +376,30 @@ class Source:
         return {"artifact": str(self.root)}
 
 
-def real_signatures(package: str, source: Source,
-                    config_cpp: Optional[str] = None) -> dict[str, Sig]:
-    """``{qualname: signature}`` of ``package``'s surfaces read from ``source``."""
+def real_signatures(package: str, source: Source, config_cpp: Optional[str] = None,
+                    config_hpp: Optional[str] = None) -> dict[str, Sig]:
+    """``{qualname: signature}`` of ``package``'s surfaces read from ``source``; the pybind11
+    ones of deep_ep only with DeepEP's ``buffer.hpp`` (``config_cpp``) and ``config.hpp``."""
     out: dict[str, Sig] = {}
     texts: dict[str, str] = {}
     for s in SURFACES:
         if s.package != package:
             continue
         if s.path.startswith("pybind:"):
-            if config_cpp is not None:
+            if config_cpp is not None and s.qualname == "Config.__init__":
                 out[s.qualname] = pybind_config_signature(config_cpp)
+            elif config_cpp is not None and config_hpp is not None:
+                out[s.qualname] = pybind_method_signature(
+                    config_cpp, config_hpp, s.qualname.split(".")[1])
             continue
         if s.path not in texts:
             texts[s.path] = source.read(s.path)
         out[s.qualname] = signature_from_source(texts[s.path], s.qualname)
     if package in EXPORT_FILES:
         out["<exports>"] = [[n] for n in exports_from_source(source.read(EXPORT_FILES[package]))]
+    for module, (pkg, path) in SUBMODULE_EXPORT_FILES.items():
+        if pkg == package:
+            out[exports_key(module)] = [[n] for n in exports_from_source(source.read(path))]
     return out
 
 
@@ -385,6 +420,10 @@ def live_flashinfer_signatures() -> dict[str, Sig]:
         if isinstance(obj, (staticmethod, classmethod)):
             obj = obj.__func__
         out[s.qualname] = normalise_live(obj)
+    for module, (pkg, _) in SUBMODULE_EXPORT_FILES.items():
+        if pkg == "flashinfer":
+            text = Path(importlib.import_module(module).__file__).read_text()
+            out[exports_key(module)] = [[n] for n in exports_from_source(text)]
     return out
 
 
@@ -403,7 +442,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--deepep-wheel", type=Path, required=True)
     p.add_argument("--deepep-cpp", type=Path, required=True,
                    help="DeepEP csrc/legacy/buffer.hpp (for the pybind Config)")
-    p.add_argument("--deepep-cpp-ref", required=True, help="where buffer.hpp came from")
+    p.add_argument("--deepep-config-hpp", type=Path, required=True,
+                   help="DeepEP csrc/legacy/config.hpp (arity of the pybind Config methods)")
+    p.add_argument("--deepep-cpp-ref", required=True,
+                   help="where buffer.hpp and config.hpp came from")
     p.add_argument("--pplx-git", type=Path, required=True, help="bare git dir of pplx-kernels")
     p.add_argument("--pplx-commit", required=True)
     p.add_argument("--flashinfer-wheel", type=Path, required=True)
@@ -413,7 +455,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     snap["packages"]["deep_ep"] = {
         "distribution": "sgl-deep-ep", "version": "0.1.2.post1", **deepep.describe(),
         "pybind_source": args.deepep_cpp_ref,
-        "signatures": real_signatures("deep_ep", deepep, args.deepep_cpp.read_text()),
+        "signatures": real_signatures("deep_ep", deepep, args.deepep_cpp.read_text(),
+                                      args.deepep_config_hpp.read_text()),
         "limit_strings": wheel_shared_object_strings(args.deepep_wheel, DEEPEP_LIMIT_STRINGS),
     }
     pplx = Source(args.pplx_git, commit=args.pplx_commit)
