@@ -114,11 +114,11 @@ TABLE = [
     ("multi-node-rdma", HGX8, "decode", (), "deepep_low_latency",
      {"max_tokens_per_rank": 128}),
     ("multi-node-rdma", TWO_NODES, "prefill", ("deepep_high_throughput",), "alltoallv", {}),
-    ("gb200-nvl72", NVL72, "decode", (), "flashinfer_all2allv", {}),
-    ("gb200-nvl72", NVL72, "prefill", (), "flashinfer_all2allv", {}),
-    ("gb200-nvl72", NVL72, "decode", ("flashinfer_all2allv",), "deepep_low_latency",
-     {"max_tokens_per_rank": 128}),
-    ("gb200-nvl72", NVL72, "prefill", ("flashinfer_all2allv",), "deepep_high_throughput", {}),
+    ("gb200-nvl72", NVL72, "decode", (), "flashinfer_mnnvl", {}),
+    ("gb200-nvl72", NVL72, "prefill", (), "flashinfer_mnnvl", {}),
+    ("gb200-nvl72", NVL72, "decode", ("flashinfer_mnnvl",), "deepep_low_latency",
+     {"max_tokens_per_rank": 128, "allow_mnnvl": True}),
+    ("gb200-nvl72", NVL72, "prefill", ("flashinfer_mnnvl",), "deepep_high_throughput", {}),
     ("gb200-nvl72", HGX8, "decode", (), "alltoallv", {}),
 ]
 
@@ -323,10 +323,10 @@ def test_options_are_frozen_hashable_and_picklable():
     assert opts == Options({"a": "x", "b": (1, 2)}) and hash(opts) == hash(Options(opts))
     with pytest.raises(TypeError):
         opts["c"] = 1  # type: ignore[index]
-    # pplx's adapter is a placeholder here: its options are kept as written.
+    # A config's options are validated against the backend's and frozen the same way.
     config = parse_config({"all2all": {"rules": [{"use": "pplx",
-                                                  "options": {"ks": [1, 2]}}]}}, "<d>")
-    assert config.all2all.rules[0].options["ks"] == (1, 2)
+                                                  "options": {"internode": True}}]}}, "<d>")
+    assert config.all2all.rules[0].options["internode"] is True
     assert hash(config) == hash(pickle.loads(pickle.dumps(config)))
     assert isinstance(config, Config) and config.source == "<d>"
 

@@ -794,6 +794,20 @@ def test_availability_without_the_packages():
         assert "needs CUDA" not in reason
 
 
+def test_topo_lists_the_vendor_backends_unavailable_with_the_reason(capsys):
+    from moe_ep.cli import main
+
+    assert main(["topo"]) == 0
+    out = capsys.readouterr().out
+    for name in VENDORS:
+        line = next(x for x in out.splitlines() if x.split()[:1] == [name])
+        if not _installed(MODULE[name]):
+            assert line.split()[1] == "no", line
+            assert f"{MODULE[name]} is not installed" in line, line
+        if not torch.cuda.is_available():
+            assert line.split()[1] == "no" and "needs CUDA devices" in line, line
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 

@@ -88,8 +88,8 @@ LL_MAX_TOPK = 11
 HT_MAX_TOPK = 32
 _NVL_PEERS = 8
 _MAX_LOCAL_EXPERTS = 1024
-_HINT = ("pip install 'moe-ep[deepep]' (sgl-deep-ep 0.1.2.post1, a CUDA 13 wheel that pins "
-         "torch==2.14.1) or build DeepEP from source: docs/backends.md")
+_HINT = ("pip install 'moe-ep[deepep]', which brings sgl-deep-ep 0.1.2.post1, a CUDA 13 wheel "
+         "pinning torch==2.14.1, or build DeepEP from source: docs/backends.md")
 
 
 def _wheel_cuda_major() -> int | None:

@@ -54,7 +54,7 @@ __all__ = ["FlashInferMnnvlManager", "SUPPORTED_TOP_K"]
 SUPPORTED_TOP_K = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 22)
 MAX_RANKS = 256
 _VERSIONS = ("0.7.4", "0.8")  # the flashinfer.moe_ep API the adapter was written against
-_HINT = "pip install 'moe-ep[flashinfer]' (flashinfer-python>=0.7.4,<0.8)"
+_HINT = "pip install 'moe-ep[flashinfer]', which brings flashinfer-python>=0.7.4,<0.8"
 
 
 def _version_reason() -> str | None:
