@@ -150,8 +150,8 @@ MUST_CALL = {
         "AllToAll.dispatch", "AllToAll.combine", "AllToAll.destroy")},
     "flashinfer_mnnvl": {("flashinfer", q) for q in (
         "create_communication", "BootstrapConfig()", "MoEEpCommParams()",
-        "NVLinkOneSidedConfig()", "NVLinkOneSidedAlltoAll.dispatch", "NVLinkOneSidedAlltoAll.combine",
-        "NVLinkOneSidedAlltoAll.destroy")},
+        "NVLinkOneSidedConfig()", "NVLinkOneSidedAlltoAll.dispatch",
+        "NVLinkOneSidedAlltoAll.combine", "NVLinkOneSidedAlltoAll.destroy")},
 }
 MUST_CALL_VARIANT = {
     "pplx": {("pplx_kernels", "AllToAll.intranode")},
