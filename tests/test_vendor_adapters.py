@@ -218,6 +218,15 @@ def _decodable(info, group, name, options):
             per_expert = [sum(1 for p in pairs if p[2] == le) for le in range(len(mine))]
             assert res.tokens_per_expert.tolist() == per_expert, what
             x = res.x.float()
+            # Fixed-size receive buffers, sized independently of the adapters: DeepEP HT
+            # (num_worst_tokens) W * T rows; FlashInfer W * (the call's largest count);
+            # pplx W * T per expert; DeepEP LL W * T' with T' >= T the first making W * T'
+            # a multiple of 4.
+            t_ll = next(t for t in itertools.count(max(counts)) if world * t % 4 == 0)
+            want_rows = {"deepep_high_throughput": world * max(counts),
+                         "flashinfer_mnnvl": world * max(counts), "pplx": world * max(counts),
+                         "deepep_low_latency": world * t_ll}[name]
+            assert res.x.shape[int(res.layout is Layout.EXPERT_PADDED)] == want_rows, what
             if res.layout is Layout.TOKEN:
                 real = (res.topk_ids >= 0).any(dim=1)
                 # Padding rows (fixed-size receive buffers) carry no expert and weight 0.
@@ -553,6 +562,37 @@ def _live(info, group, name):
     finally:
         mgr.destroy()
     return out
+
+
+def _foreign_result_in_a_failed_combine(info, group, name):
+    """A combine that fails while the ranks do not have the same round open (rank 0 passes a
+    foreign object) cannot close the vendor round: the manager becomes unusable everywhere."""
+    r, world = info.rank, info.world_size
+    xs, ws, ids = decodable_inputs([2] * world, 8, 2, 6, BF16, 32)
+    mgr = build_manager(name, group)
+    seen = []
+    try:
+        h = mgr.get_handle(EPSpec(hidden=32, num_experts=8, topk=2, max_tokens_per_rank=2))
+        res = mgr.dispatch(xs[r], ws[r], ids[r], handle=h)
+        for result in ((object() if r == 0 else res), res):
+            try:
+                mgr.combine(apply_experts(res, lambda e, q: q), result)
+            except Exception as exc:  # noqa: BLE001 - checked in the parent
+                seen.append((type(exc).__name__, str(exc)))
+    finally:
+        mgr.destroy()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["pplx", "flashinfer_mnnvl"])
+def test_adapter_unusable_when_a_failed_round_cannot_be_closed(dist_pool, name):
+    results = dist_pool(2).run(_with_models, (MODULE[name],), _foreign_result_in_a_failed_combine,
+                               name, timeout=TIMEOUT)
+    (first0, second0), (first1, second1) = (seen for seen, _ in results)
+    assert first0[0] == "TypeError" and "DispatchResult" in first0[1], first0
+    assert first1[0] == "RemoteInputError", first1
+    for exc, msg in (second0, second1):
+        assert exc == "RuntimeError" and "unusable" in msg and "open rounds differ" in msg, msg
 
 
 @pytest.mark.parametrize("name", ["deepep_low_latency", "pplx", "flashinfer_mnnvl"])

@@ -186,11 +186,9 @@ class PplxManager(VendorManager):
         self._nvshmem = False
         if internode:
             self._nvshmem_acquire()
-        w = self.world_size
         # Fillers: this rank's experts first (no traffic), then the next ranks' in turn.
-        order = [(self.rank + i) % w for i in range(w)]
+        self._rank_order = [(self.rank + i) % self.world_size for i in range(self.world_size)]
         self._preference: dict[int, torch.Tensor] = {}
-        self._rank_order = order
 
     # ---- NVSHMEM -------------------------------------------------------------------------
 
@@ -218,14 +216,16 @@ class PplxManager(VendorManager):
         process's last internode pplx manager (idempotent)."""
         if self.destroyed:
             return
-        super().destroy()
-        if self._nvshmem:
-            self._nvshmem = False
-            job = _NVSHMEM[self.vendor]
-            job["users"] -= 1
-            if job["users"] == 0:
-                del _NVSHMEM[self.vendor]
-                self.vendor.nvshmem_finalize()
+        try:
+            super().destroy()
+        finally:
+            if self._nvshmem:
+                self._nvshmem = False
+                job = _NVSHMEM[self.vendor]
+                job["users"] -= 1
+                if job["users"] == 0:
+                    del _NVSHMEM[self.vendor]
+                    self.vendor.nvshmem_finalize()
 
     # ---- handles -------------------------------------------------------------------------
 

@@ -233,11 +233,6 @@ class VendorManager(All2AllManager):
     def _setup(self) -> None:
         """Backend hook after the vendor module is imported on every rank (collective)."""
 
-    @property
-    def is_contract_model(self) -> bool:
-        """Whether the vendor module is a moe_ep contract model (CPU tensors, tests only)."""
-        return getattr(self.vendor, "__moe_ep_contract_model__", False) is True
-
     def checks_ids_in_python(self, x: object) -> bool:
         # The Python check synchronises with the host; without the exchange (CUDA graphs)
         # the ids are checked by device-side asserts instead.
@@ -361,7 +356,11 @@ class VendorManager(All2AllManager):
         key = None
         if state is not None and state.handle.open_round is state:
             key = (state.handle.index, state.seq)
-        keys = self.group.all_gather_object(key) if self.world_size > 1 else [key]
+        try:
+            keys = self.group.all_gather_object(key) if self.world_size > 1 else [key]
+        except Exception as exc:  # noqa: BLE001 - a peer is gone; the original error is raised
+            self._mark_broken(f"closing the round of a failed combine failed: {exc}")
+            return
         if all(k is None for k in keys):
             return
         if any(k != key for k in keys):
