@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -115,6 +116,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if under_torchrun() and topo.rank != 0:
         return 0
     phases: Sequence[str | None] = PHASES if args.phase == "all" else (args.phase,)
+    if args.json:
+        return _check_config_json(config, topo, phases, avail)
     print(f"config: {config.source}")
     if config.description:
         print(f"  {config.description}")
@@ -124,6 +127,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for phase in phases:
         print()
         status = max(status, _report_phase(config, topo, phase, avail))
+    return status
+
+
+def _check_config_json(config: Config, topo, phases: Sequence[str | None],
+                       avail: Mapping[str, tuple[bool, str]]) -> int:
+    report: dict = {"config": str(config.source), "topology": dataclasses.asdict(topo),
+                    "internode": topo.internode, "phases": {}}
+    status = 0
+    for phase in phases:
+        try:
+            sel = select(config, topo, phase, availability=avail)
+        except SelectionError as exc:
+            report["phases"][str(phase)] = {"selected": None, "error": str(exc)}
+            status = EXIT_ERROR
+            continue
+        report["phases"][str(phase)] = {
+            "selected": sel.name, "options": dict(sel.options), "where": sel.where,
+            "skipped": [{"where": rule.where, "use": rule.use, "why": why}
+                        for rule, why in sel.skipped],
+        }
+    print(json.dumps(report, indent=2, default=str))
     return status
 
 
@@ -178,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"moe-ep {__version__}")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="log what the library decides (INFO level)")
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="log errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("topo", help="show the detected topology and backend availability",
@@ -197,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phase to evaluate (default: all)")
     p.add_argument("--assume-available", action="store_true",
                    help="treat every backend as available (check rule matching only)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_topology_arguments(p)
     p.set_defaults(func=cmd_check_config)
 
@@ -215,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("moe_ep").setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moe-ep` console script; returns the exit status."""
     try:
@@ -222,10 +258,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         args.argv = argv  # recorded in benchmark results as the command that made them
+        _configure_logging(args)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`moe-ep topo | head -1`): stop quietly, as Unix tools do.
+        # Python would report the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (CLIError, ConfigError) as exc:
         print(f"moe-ep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

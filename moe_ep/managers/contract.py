@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from moe_ep.cpu_allocator import tune_cpu_allocator
 from moe_ep.managers.accounting import WireBytes, WireCounter
 from moe_ep.managers.cache import HandleCache
 from moe_ep.managers.options import NoOptions
@@ -341,6 +342,9 @@ class All2AllManager(ABC):
         self._dispatch_bytes = WireBytes()
         self._combine_bytes = WireBytes()
         self.uid = protocol.agree_on_manager(self)
+        if group.device.type == "cpu":
+            # Per-call outputs (combine's [N, H]) must not come from freshly mapped pages.
+            tune_cpu_allocator()
 
     # ---- options -----------------------------------------------------------------------------
 
