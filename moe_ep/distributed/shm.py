@@ -182,6 +182,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_ep_combine_done": (i32, [vp, i32, u64]),
         "shm_ep_retire": (i32, [vp, i32, u64]),
         "shm_ep_post_destroyed": (None, [vp, u64]),
+        "shm_ep_agree": (i32, [vp, u64, u64, vp, i32, vp]),
         "shm_send_tensor_list": (i32, [vp, i32, i32, vp, vp, vp, u64]),
         "shm_recv_begin": (i32, [vp, i32, vp, vp]),
         "shm_recv_bytes": (i32, [vp, i32, vp, u64]),
