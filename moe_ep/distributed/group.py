@@ -9,6 +9,7 @@ collectives of `moe_ep.distributed.shm` replace gloo for the bulk operations.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pickle
@@ -17,6 +18,7 @@ import socket
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -48,15 +50,31 @@ class GroupCoordinator:
             exactly one of them.
         name: a label for errors and logs ("tp", "ep", ...).
         use_shm: use shared-memory collectives for CPU groups on one node (gloo otherwise).
+        timeout_s: how long any collective of this group may wait for a peer, in seconds (gloo
+            groups and the shared-memory layer alike). None: the world group's timeout (set by
+            `init_distributed(timeout=...)` or `init_process_group`).
+
+    Attributes:
+        timeout_s: the group's timeout (float seconds).
+        same_node: True when every rank of the group runs on one node (decided collectively
+            once, at construction; True for a group of one rank).
     """
 
-    def __init__(self, group_ranks: Sequence[Sequence[int]], name: str, *, use_shm: bool = True):
+    def __init__(
+        self,
+        group_ranks: Sequence[Sequence[int]],
+        name: str,
+        *,
+        use_shm: bool = True,
+        timeout_s: float | None = None,
+    ):
         if not dist.is_initialized():
             raise RuntimeError(
                 f"GroupCoordinator({name!r}) needs torch.distributed to be initialised: "
                 "call moe_ep.distributed.init_distributed() (or launch with torchrun) first"
             )
         self.name = name
+        self.timeout_s = _check_timeout(timeout_s, name)
         self.rank = dist.get_rank()
         world = dist.get_world_size()
         groups = _validate_group_ranks(group_ranks, world, self.rank, name)
@@ -70,15 +88,18 @@ class GroupCoordinator:
         self.ranks: list[int] = []
         self._cpu_group: ProcessGroup | None = None
         self._device_group: ProcessGroup | None = None
+        timeout = timedelta(seconds=self.timeout_s)
+        # The world group is reused unless this group asks for another timeout.
+        reuse_world = self.timeout_s == world_timeout_s()
         for ranks in groups:
-            if len(ranks) == world:
+            if len(ranks) == world and reuse_world:
                 device_group = dist.group.WORLD
             else:
-                device_group = dist.new_group(ranks, backend=backend)
+                device_group = dist.new_group(ranks, backend=backend, timeout=timeout)
             if backend == "gloo":
                 cpu_group = device_group
             else:
-                cpu_group = dist.new_group(ranks, backend="gloo")
+                cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
             if self.rank in ranks:
                 self.ranks = list(ranks)
                 self._cpu_group, self._device_group = cpu_group, device_group
@@ -86,6 +107,11 @@ class GroupCoordinator:
         self.rank_in_group = self.ranks.index(self.rank)
         self.first_rank = self.ranks[0]
         self.last_rank = self.ranks[-1]
+        # Collective on the new groups, so also a rendezvous: no rank can destroy a group while a
+        # peer is still connecting to it (gloo then fails with "Connection closed by peer").
+        self.same_node = self.world_size == 1 or all(
+            _same_node_flags(self._cpu_group, self.rank_in_group, 0, self.ranks)
+        )
         self.shm = None
         self.shm = self._create_shm() if use_shm else None
         _LIVE.add(self)
@@ -120,12 +146,14 @@ class GroupCoordinator:
         # Every rank must take the same decision or the next collective would mismatch, so
         # both inputs are agreed collectively (availability is per host, and a group may span
         # hosts).
-        same_node = _same_node_flags(self.cpu_group, self.rank_in_group, 0)
         usable = self.all_gather_object(ShmCommunicator.available()[0])
-        if not (all(same_node) and all(usable)):
+        if not (self.same_node and all(usable)):
             return None
         try:
-            return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name)
+            return ShmCommunicator(
+                self.cpu_group, self.rank_in_group, self.world_size, self.name,
+                timeout_s=self.timeout_s,
+            )
         except ShmUnavailableError:
             # Raised on every rank alike (e.g. /dev/shm full, ranks in separate containers).
             return None
@@ -502,48 +530,56 @@ def in_the_same_node_as(group: GroupCoordinator, source_rank: int = 0) -> list[b
 
 
 def _same_node_flags(
-    cpu_group: ProcessGroup, rank_in_group: int, source: int, ranks: list[int] | None = None
+    cpu_group: ProcessGroup, rank_in_group: int, source: int, ranks: list[int]
 ) -> list[bool]:
     """The source creates a small shared-memory file; the ranks that can read it share its node.
 
     Host names are not enough: containers on one host may report different names yet share
-    memory, and two hosts may share a name.
+    memory, and two hosts may share a name. The name is broadcast *before* the file exists, and
+    every rank that learned it unlinks it at the end (missing is fine), so a source that dies
+    at any point leaves nothing in /dev/shm once its peers return (with an error). Three small
+    collectives: the name, whether the file was made, the flags.
     """
-    ranks = ranks if ranks is not None else dist.get_process_group_ranks(cpu_group)
-    magic = secrets.token_bytes(16)
-    path = None
     if rank_in_group == source:
-        try:
-            path = f"/dev/shm/moe_ep_probe_{os.getpid()}_{secrets.token_hex(8)}"
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(magic)
-        except OSError:
-            # No usable /dev/shm: must not raise before the collective below (the peers would
-            # wait forever); they compare host names instead.
-            path = None
-        box = [(path, magic, socket.gethostname())]
+        token = f"{os.getpid()}_{secrets.token_hex(8)}"
+        box = [(f"/dev/shm/moe_ep_probe_{token}", secrets.token_bytes(16), socket.gethostname())]
     else:
         box = [None]
+    dist.broadcast_object_list(box, src=ranks[source], group=cpu_group)
+    path, magic, host = box[0]
     try:
-        dist.broadcast_object_list(box, src=ranks[source], group=cpu_group)
-        probe, expected, host = box[0]
+        made = [_write_probe(path, magic) if rank_in_group == source else None]
+        # (The source must reach this collective even if it could not write: no raising above.)
+        dist.broadcast_object_list(made, src=ranks[source], group=cpu_group)
         if rank_in_group == source:
             mine = True
-        elif probe is None:
-            mine = socket.gethostname() == host
+        elif not made[0]:
+            mine = socket.gethostname() == host  # no usable /dev/shm on the source
         else:
             try:
-                with open(probe, "rb") as f:
-                    mine = f.read(len(expected)) == expected
+                with open(path, "rb") as f:
+                    mine = f.read(len(magic)) == magic
             except OSError:
                 mine = False
         flags: list[Any] = [None] * len(ranks)
         dist.all_gather_object(flags, mine, group=cpu_group)
     finally:
-        if path is not None:
+        # Every rank has read the file once the flags are gathered; on an error, whoever knows
+        # the name removes it.
+        with contextlib.suppress(OSError):
             os.unlink(path)
     return [bool(f) for f in flags]
+
+
+def _write_probe(path: str, magic: bytes) -> bool:
+    """Create the probe file (private, exclusive); False when /dev/shm is unusable."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(magic)
+    except OSError:
+        return False
+    return True
 
 
 def _validate_group_ranks(
@@ -629,6 +665,34 @@ def destroy_live_groups() -> None:
     """Destroy every GroupCoordinator of this process that is still alive."""
     for group in list(_LIVE):
         group.destroy()
+
+
+# torch.distributed's own default, for a world whose timeout cannot be read back.
+_FALLBACK_TIMEOUT_S = 1800.0
+
+
+def world_timeout_s() -> float:
+    """The timeout of the default (world) process group, in seconds."""
+    world = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return world._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):
+            continue
+    return _FALLBACK_TIMEOUT_S
+
+
+def _check_timeout(timeout_s: float | None, name: str) -> float:
+    if timeout_s is None:
+        return world_timeout_s()
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
+        0 < timeout_s < float("inf")
+    ):
+        raise ValueError(
+            f"GroupCoordinator({name!r}): timeout_s must be a finite number of seconds > 0 "
+            f"(or None for the world's timeout), got {timeout_s!r}"
+        )
+    return float(timeout_s)
 
 
 def _device_for(backend: str, name: str) -> torch.device:
