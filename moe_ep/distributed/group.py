@@ -10,7 +10,7 @@ collectives of `moe_ep.distributed.shm` replace gloo for the bulk operations.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import logging
 import os
 import pickle
 import secrets
@@ -25,8 +25,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-# dtypes the shared-memory all-reduce sums natively (in fp32); others go through gloo.
-_SHM_REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from moe_ep.distributed.communicators import (
+    CudaCommunicator,
+    DeviceCommunicatorBase,
+    GlooCommunicator,
+    SharedMemoryCommunicator,
+)
+from moe_ep.distributed.shm import ShmCommunicator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class GroupCoordinator:
             exactly one of them.
         name: a label for errors and logs ("tp", "ep", ...).
         use_shm: use shared-memory collectives for CPU groups on one node (gloo otherwise).
+        use_custom_allreduce: on CUDA, try the CUDA IPC all-reduce for small tensors (it is
+            used only where it qualifies; NCCL otherwise).
         timeout_s: how long any collective of this group may wait for a peer, in seconds (gloo
             groups and the shared-memory layer alike). None: the world group's timeout (set by
             `init_distributed(timeout=...)` or `init_process_group`).
@@ -67,6 +76,7 @@ class GroupCoordinator:
         *,
         use_shm: bool = True,
         timeout_s: float | None = None,
+        use_custom_allreduce: bool = True,
     ):
         if not dist.is_initialized():
             raise RuntimeError(
@@ -112,9 +122,53 @@ class GroupCoordinator:
         self.same_node = self.world_size == 1 or all(
             _same_node_flags(self._cpu_group, self.rank_in_group, 0, self.ranks)
         )
-        self.shm = None
-        self.shm = self._create_shm() if use_shm else None
+        self._communicators(use_shm, use_custom_allreduce)
         _LIVE.add(self)
+
+    def _communicators(self, use_shm: bool, use_custom_allreduce: bool) -> None:
+        """Pick, once, the communicator for CPU tensors and the one for device tensors."""
+        self._gloo = GlooCommunicator(
+            self._cpu_group, self._cpu_group, self.ranks, self.rank_in_group, self.name
+        )
+        self._cpu_comm: DeviceCommunicatorBase = self._gloo
+        self._device_comm: DeviceCommunicatorBase = self._gloo
+        self._shm_comm: SharedMemoryCommunicator | None = None
+        if self.world_size == 1:
+            return
+        if self.device.type != "cpu":
+            why = "CPU tensors of a CUDA world stay on gloo"
+        elif not use_shm:
+            why = "use_shm=False"
+        elif not self.same_node:
+            why = "the group spans more than one node"
+        else:
+            self._shm_comm, why = SharedMemoryCommunicator.create(
+                self._cpu_group, self.ranks, self.rank_in_group, self.name, self._gloo,
+                self.timeout_s,
+            )
+        if self._shm_comm is not None:
+            self._cpu_comm = self._shm_comm
+            logger.info("group %r (%d ranks): CPU collectives over shared memory (%s)",
+                        self.name, self.world_size, why)
+        else:
+            logger.info("group %r (%d ranks): CPU collectives over gloo: %s",
+                        self.name, self.world_size, why)
+        if self.device.type == "cuda":
+            self._device_comm = CudaCommunicator(
+                self._cpu_group, self._device_group, self.ranks, self.rank_in_group, self.name,
+                device=self.device, same_node=self.same_node,
+                use_custom_allreduce=use_custom_allreduce,
+            )
+
+    @property
+    def shm(self) -> ShmCommunicator | None:
+        """The group's shared-memory transport, or None when its CPU tensors use gloo."""
+        return None if self._shm_comm is None else self._shm_comm.shm
+
+    @property
+    def communicators(self) -> dict[str, DeviceCommunicatorBase]:
+        """The communicator used for CPU tensors and the one for device tensors."""
+        return {"cpu": self._cpu_comm, "device": self._device_comm}
 
     @property
     def cpu_group(self) -> ProcessGroup:
@@ -134,38 +188,13 @@ class GroupCoordinator:
         if self._destroyed:
             raise RuntimeError(f"GroupCoordinator({self.name!r}) was destroyed; build a new one")
 
-    # ------------------------------------------------------------------ setup
-    def _create_shm(self):
-        """The shared-memory communicator, when this CPU group lives on one node."""
-        if self.world_size == 1 or self.device.type != "cpu":
-            return None
-        if importlib.util.find_spec("moe_ep.distributed.shm") is None:
-            return None
-        from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
-
-        # Every rank must take the same decision or the next collective would mismatch, so
-        # both inputs are agreed collectively (availability is per host, and a group may span
-        # hosts).
-        usable = self.all_gather_object(ShmCommunicator.available()[0])
-        if not (self.same_node and all(usable)):
-            return None
-        try:
-            return ShmCommunicator(
-                self.cpu_group, self.rank_in_group, self.world_size, self.name,
-                timeout_s=self.timeout_s,
-            )
-        except ShmUnavailableError:
-            # Raised on every rank alike (e.g. /dev/shm full, ranks in separate containers).
-            return None
-
     def destroy(self) -> None:
         """Free the shared-memory segments and the process groups (idempotent)."""
         if self._destroyed:
             return
         self._destroyed = True
-        if self.shm is not None:
-            self.shm.destroy()
-            self.shm = None
+        for comm in {id(c): c for c in (self._device_comm, self._cpu_comm)}.values():
+            comm.destroy()
         _LIVE.discard(self)
         for group in {id(g): g for g in (self._cpu_group, self._device_group)}.values():
             if group is not None and group is not dist.group.WORLD:
@@ -175,7 +204,8 @@ class GroupCoordinator:
     def __repr__(self) -> str:
         return (
             f"GroupCoordinator(name={self.name!r}, ranks={self.ranks}, "
-            f"rank_in_group={self.rank_in_group}, device={self.device}, shm={self.shm is not None})"
+            f"rank_in_group={self.rank_in_group}, device={self.device}, "
+            f"cpu={self._cpu_comm.transport}, device_comm={self._device_comm.transport})"
         )
 
     # ---------------------------------------------------------------- helpers
@@ -187,11 +217,10 @@ class GroupCoordinator:
     def is_last_rank(self) -> bool:
         return self.rank == self.last_rank
 
-    def _group_for(self, x: torch.Tensor) -> ProcessGroup:
-        return self.cpu_group if x.device.type == "cpu" else self.device_group
-
-    def _use_shm(self, x: torch.Tensor) -> bool:
-        return self.shm is not None and x.device.type == "cpu"
+    def _comm(self, x: torch.Tensor) -> DeviceCommunicatorBase:
+        """The communicator for `x`'s device (picked at construction)."""
+        self._check_alive()
+        return self._cpu_comm if x.device.type == "cpu" else self._device_comm
 
     def _check_rank(self, value: int, arg: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -217,37 +246,37 @@ class GroupCoordinator:
         return sizes
 
     # ------------------------------------------------------------ collectives
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` (any shape and dtype) over the group; a new tensor (`x` itself if world 1)."""
-        _check_tensor(x, "x", self.name)
-        if self.world_size == 1:
-            return x
-        if self._use_shm(x) and x.dtype in _SHM_REDUCE_DTYPES:
-            return self.shm.all_reduce(x.contiguous())
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=self._group_for(x))
-        return out
+    def all_reduce(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum `x` (any shape and dtype) over the group.
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenate every rank's `x` (same shape everywhere) along `dim`."""
+        Returns a new tensor (`x` itself if world 1), or `out` when given: `out=x` sums in place
+        (vLLM's in-place op), another contiguous tensor of x's shape, dtype and device receives
+        the sum; `x` is never modified otherwise.
+        """
+        _check_tensor(x, "x", self.name)
+        if out is not None:
+            _check_out(out, x, tuple(x.shape), self.name)
+        if self.world_size == 1:
+            return x if out is None or out is x else out.copy_(x)
+        return self._comm(x).all_reduce(x.contiguous(), out)
+
+    def all_gather(
+        self, x: torch.Tensor, dim: int = -1, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Concatenate every rank's `x` (same shape everywhere) along `dim`.
+
+        `out` (optional): a contiguous tensor of the result's shape (x's, with `dim` times
+        world_size), dtype and device, that receives it (returned).
+        """
         _check_tensor(x, "x", self.name)
         dim = _check_dim(x, dim, self.name)
+        if out is not None:
+            shape = list(x.shape)
+            shape[dim] *= self.world_size
+            _check_out(out, x, tuple(shape), self.name)
         if self.world_size == 1:
-            return x
-        parts = self._all_gather_parts(x.contiguous())
-        return torch.cat(parts, dim=dim)
-
-    def _all_gather_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's (contiguous) `x`, in rank order; shapes must be equal."""
-        if self._use_shm(x):
-            return self.shm.all_gather(x)
-        if x.device.type == "cuda":
-            out = x.new_empty((self.world_size, *x.shape))
-            dist.all_gather_into_tensor(out, x, group=self.device_group)
-            return list(out.unbind(0))
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.cpu_group)
-        return parts
+            return x if out is None else out.copy_(x)
+        return self._comm(x).all_gather(x.contiguous(), dim, out)
 
     def all_gatherv(
         self,
@@ -277,21 +306,12 @@ class GroupCoordinator:
                     f"{self.name}: x[{i}] has {t.shape[d]} rows along dim {d} but "
                     f"sizes[{self.rank_in_group}]={sizes[self.rank_in_group]}"
                 )
-            out.append(t if self.world_size == 1 else self._gatherv(t, d, sizes))
+            if self.world_size == 1:
+                out.append(t)
+                continue
+            rows = t.movedim(d, 0).contiguous()
+            out.append(self._comm(rows).all_gatherv(rows, sizes).movedim(0, d))
         return out[0] if isinstance(x, torch.Tensor) else out
-
-    def _gatherv(self, t: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor:
-        rows = t.movedim(dim, 0).contiguous()
-        if self._use_shm(rows):
-            return self.shm.all_gather_flat(rows).movedim(0, dim)
-        # torch.distributed all-gathers need equal shapes: pad to the largest extent.
-        longest = max(sizes)
-        if longest == 0:
-            return t.new_empty(t.shape)
-        padded = rows.new_zeros((longest, *rows.shape[1:]))
-        padded[: rows.shape[0]] = rows
-        parts = [p[:n] for p, n in zip(self._all_gather_parts(padded), sizes, strict=True)]
-        return torch.cat(parts, dim=0).movedim(0, dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Sum `x` over the group and keep this rank's equal slice along `dim`."""
@@ -320,21 +340,7 @@ class GroupCoordinator:
         if self.world_size == 1:
             return x
         rows = x.movedim(dim, 0).contiguous()
-        start = sum(sizes[: self.rank_in_group])
-        mine = sizes[self.rank_in_group]
-        if rows.device.type == "cuda":
-            out = rows.new_empty((mine, *rows.shape[1:]))
-            dist.reduce_scatter(out, list(rows.split(sizes)), group=self.device_group)
-        elif self._use_shm(rows) and hasattr(self.shm, "reduce_scatter") and (
-            rows.dtype in _SHM_REDUCE_DTYPES
-        ):
-            row_numel = rows[0].numel() if rows.shape[0] else 0
-            flat = self.shm.reduce_scatter(rows.reshape(-1), [n * row_numel for n in sizes])
-            out = flat.view(mine, *rows.shape[1:])
-        else:
-            # gloo has no reduce-scatter: sum everything, keep my slice.
-            out = self.all_reduce(rows)[start : start + mine]
-        return out.movedim(0, dim).contiguous()
+        return self._comm(rows).reduce_scatterv(rows, sizes).movedim(0, dim).contiguous()
 
     def all_to_all_single(
         self,
@@ -376,18 +382,7 @@ class GroupCoordinator:
             recvs = [sends[0]] * self.world_size
         if self.world_size == 1:
             return x.clone()
-        x = x.contiguous()
-        if self._use_shm(x):
-            out = self.shm.all_to_all_single(x, sends)
-            if out.shape[0] != sum(recvs):
-                raise RuntimeError(
-                    f"{self.name}: all_to_all_single expected {sum(recvs)} rows in all "
-                    f"(output_split_sizes={recvs}), got {out.shape[0]}"
-                )
-            return out
-        out = x.new_empty((sum(recvs), *x.shape[1:]))
-        dist.all_to_all_single(out, x, recvs, sends, group=self._group_for(x))
-        return out
+        return self._comm(x).all_to_all(x.contiguous(), recvs, sends)
 
     def gather(self, x: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """Concatenate every rank's `x` along `dim` on rank `dst`; None on the other ranks."""
@@ -396,14 +391,7 @@ class GroupCoordinator:
         self._check_rank(dst, "dst")
         if self.world_size == 1:
             return x
-        x = x.contiguous()
-        if self._use_shm(x):
-            parts = self.shm.gather(x, dst)
-        else:
-            mine = self.rank_in_group == dst
-            parts = [torch.empty_like(x) for _ in range(self.world_size)] if mine else None
-            dist.gather(x, parts, dst=self.ranks[dst], group=self._group_for(x))
-        return None if parts is None else torch.cat(parts, dim=dim)
+        return self._comm(x).gather(x.contiguous(), dst, dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `x` on every rank with rank `src`'s `x` (in place; returns `x`)."""
@@ -413,8 +401,7 @@ class GroupCoordinator:
             return x
         if not x.is_contiguous():
             raise ValueError(f"{self.name}: broadcast writes in place and needs a contiguous x")
-        dist.broadcast(x, src=self.ranks[src], group=self._group_for(x))
-        return x
+        return self._comm(x).broadcast(x, src)
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank `src`'s picklable `obj` on every rank."""
@@ -448,31 +435,23 @@ class GroupCoordinator:
         if self.rank_in_group == src:
             metadata, tensors = _split_tensor_dict(tensor_dict, self.name)
             self.broadcast_object(metadata, src)
-            for t in tensors:
-                if t.numel():
-                    dist.broadcast(t, src=self.ranks[src], group=self._group_for(t))
-            return tensor_dict
-        metadata = self.broadcast_object(None, src)
-        out, tensors = self._allocate(metadata)
+        else:
+            metadata = self.broadcast_object(None, src)
+            tensor_dict, tensors = self._allocate(metadata)
         for t in tensors:
             if t.numel():
-                dist.broadcast(t, src=self.ranks[src], group=self._group_for(t))
-        return out
+                self._comm(t).broadcast(t, src)
+        return tensor_dict
 
     def send_tensor_dict(self, tensor_dict: dict[str, Any], dst: int) -> None:
         """Send a dict (like `broadcast_tensor_dict`) to `dst`; it calls `recv_tensor_dict`."""
         self._check_peer(dst, "dst")
         metadata, tensors = _split_tensor_dict(tensor_dict, self.name)
         dist.send_object_list([metadata], dst=self.ranks[dst], group=self.cpu_group)
-        cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
-        if self.shm is not None:
-            self.shm.send_tensor_list(cpu, dst)
-        else:
-            for t in cpu:
-                dist.send(t, dst=self.ranks[dst], group=self.cpu_group)
-        for t in tensors:
-            if t.device.type != "cpu" and t.numel():
-                dist.send(t, dst=self.ranks[dst], group=self.device_group)
+        for on_cpu in (True, False):
+            part = [t for t in tensors if (t.device.type == "cpu") == on_cpu and t.numel()]
+            if part:
+                self._comm(part[0]).send_tensor_list(part, dst)
 
     def recv_tensor_dict(self, src: int) -> dict[str, Any]:
         """Receive the dict rank `src` sent with `send_tensor_dict`."""
@@ -480,22 +459,29 @@ class GroupCoordinator:
         box = [None]
         dist.recv_object_list(box, src=self.ranks[src], group=self.cpu_group)
         out, tensors = self._allocate(box[0])
-        cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
-        if self.shm is not None:
-            received = self.shm.recv_tensor_list(src)
-            if [r.shape for r in received] != [t.shape for t in cpu]:
-                raise RuntimeError(
-                    f"{self.name}: recv_tensor_dict got tensors that do not match the metadata"
-                )
-            for t, r in zip(cpu, received, strict=True):
-                t.copy_(r)
-        else:
-            for t in cpu:
-                dist.recv(t, src=self.ranks[src], group=self.cpu_group)
-        for t in tensors:
-            if t.device.type != "cpu" and t.numel():
-                dist.recv(t, src=self.ranks[src], group=self.device_group)
+        for on_cpu in (True, False):
+            part = [t for t in tensors if (t.device.type == "cpu") == on_cpu and t.numel()]
+            if part:
+                self._comm(part[0]).recv_tensor_list_into(part, src)
         return out
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Send contiguous `x` to rank `dst`, which calls `recv(x.shape, x.dtype, src)`."""
+        _check_tensor(x, "x", self.name)
+        self._check_peer(dst, "dst")
+        self._comm(x).send(x.contiguous(), dst)
+
+    def recv(
+        self, size: Sequence[int], dtype: torch.dtype, src: int, device: str = "cpu"
+    ) -> torch.Tensor:
+        """A new tensor `[*size]` of `dtype` on `device` ("cpu" or "cuda": this group's
+        device) holding what rank `src` sent with `send`."""
+        self._check_peer(src, "src")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"{self.name}: device must be 'cpu' or 'cuda', got {device!r}")
+        comm = self._cpu_comm if device == "cpu" else self._device_comm
+        self._check_alive()
+        return comm.recv(tuple(size), dtype, src)
 
     def barrier(self) -> None:
         """Wait until every rank of the group reaches this point."""
@@ -617,6 +603,18 @@ def _validate_group_ranks(
 def _check_tensor(x: Any, arg: str, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_out(out: Any, x: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != x.dtype or tuple(out.shape) != shape or out.device != x.device:
+        raise ValueError(
+            f"{name}: out must be {x.dtype} {shape} on {x.device}, got {out.dtype} "
+            f"{tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: out must be contiguous")
 
 
 def _check_dim(x: torch.Tensor, dim: int, name: str) -> int:
