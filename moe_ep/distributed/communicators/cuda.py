@@ -22,6 +22,9 @@ from moe_ep.distributed.custom_all_reduce import CustomAllreduce
 
 logger = logging.getLogger(__name__)
 
+# torch 2.13 renamed all_gather_into_tensor (the old name warns); older torch has only that.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class CudaCommunicator(TorchDistributedCommunicator):
     """NCCL collectives (+ custom all-reduce) for CUDA tensors on `device`.
@@ -78,11 +81,11 @@ class CudaCommunicator(TorchDistributedCommunicator):
     def all_gather(
         self, x: torch.Tensor, dim: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        stacked = x.new_empty((self.world_size, *x.shape))
-        dist.all_gather_into_tensor(stacked, x, group=self.group)
+        flat = x.new_empty((self.world_size * x.numel(),))
+        _all_gather_single(flat, x.reshape(-1), group=self.group)
         shape = list(x.shape)
         shape[dim] *= self.world_size
-        result = stacked.movedim(0, dim).reshape(shape)
+        result = flat.view(self.world_size, *x.shape).movedim(0, dim).reshape(shape)
         if out is None:
             return result
         return out.copy_(result)
