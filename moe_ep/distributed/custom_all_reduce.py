@@ -130,7 +130,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(spec.origin)
     except OSError as e:
         return None, f"cannot load {spec.origin}: {e}"
-    i64, i32, vp, cp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p
+    i64, i32, cp = ctypes.c_int64, ctypes.c_int, ctypes.c_char_p
     p64 = ctypes.POINTER(ctypes.c_int64)
     sigs = {
         "car_last_error": (cp, []),
@@ -153,7 +153,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             fn.restype, fn.argtypes = res, args
     except AttributeError as e:
         return None, f"{spec.origin} is stale ({e}); rebuild the package"
-    del vp
     return lib, ""
 
 
