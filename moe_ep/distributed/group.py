@@ -3,8 +3,15 @@
 Each coordinator owns a gloo `cpu_group` (CPU tensors, Python objects) and a `device_group`
 (NCCL on CUDA; the same gloo group on CPU). Names and semantics follow vLLM's
 `GroupCoordinator`; ranks passed as `src` / `dst` are ranks *in the group*. A group of one rank
-never communicates. On CPU, when every rank of the group is on one node, the shared-memory
-collectives of `moe_ep.distributed.shm` replace gloo for the bulk operations.
+never communicates.
+
+At construction (collective over the group) it decides `same_node`, then picks one
+communicator for CPU tensors (shared memory when every rank is on one node and the native
+library loads, gloo otherwise) and one for device tensors (NCCL + custom all-reduce on CUDA),
+and logs why (`moe_ep.distributed.group`). Every collective validates its arguments here, with
+errors that name the argument, and delegates to the communicator of the tensor's device; the
+transports' own rules live in `moe_ep.distributed.communicators`. Every wait is bounded by
+`timeout_s`; a failed collective raises on the survivors and leaves the group unusable.
 """
 
 from __future__ import annotations
