@@ -4,10 +4,15 @@ and `GroupKVPipe` (shared memory on one node), between two processes on this mac
     python bench/bench_kv_pipe.py                 # 256 MiB bf16 KV tensor, 5 repetitions
     python bench/bench_kv_pipe.py --mib 64 --reps 3
 
-Each repetition times one transfer from the first byte sent until the receiver acknowledges
-that it holds the whole tensor (TCP) or until `recv_tensor` returns on the receiver (group).
+After one untimed round, each repetition times one transfer per mode (the TCP modes
+interleaved, over two connections held open side by side), from the first byte sent until the
+receiver acknowledges that it holds the whole tensor (TCP) or until `recv_tensor` returns on
+the receiver (group).
 The plain socket baseline sends the tensor's bytes with `sendall` and receives them with
-`recv_into` a preallocated buffer: the least any TCP pipe must do. Numbers are medians.
+`recv_into` a preallocated buffer: the least any TCP pipe must do. `recv_tensor()` returns a
+new tensor (whose pages may be fresh: glibc does not always find a freed 256 MiB hole, and
+faulting 65536 pages costs ~0.2 s here); `recv_tensor(out=buf)` receives into a buffer the
+receiver keeps, like a KV cache. Numbers are medians.
 """
 
 from __future__ import annotations
@@ -32,75 +37,79 @@ def _kv(mib: int) -> torch.Tensor:
     return torch.randn(layers, 2, blocks, block_size, heads, head_dim).to(torch.bfloat16)
 
 
-def _tcp_receiver(port: int, nbytes: int, reps: int, raw: bool) -> None:
-    if raw:
-        sock = socket.create_connection(("127.0.0.1", port))
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        for _ in range(reps):
-            got = 0
-            while got < nbytes:
-                got += sock.recv_into(view[got:], min(nbytes - got, 16 << 20))
-            sock.sendall(b"k")
-        sock.close()
-        return
-    pipe = TCPKVPipe("127.0.0.1", port, "client", timeout_s=120)
+_TCP_MODES = ("plain socket (sendall / recv_into)", "TCPKVPipe recv_tensor()",
+              "TCPKVPipe recv_tensor(out=buf)")
+
+
+def _tcp_receiver(raw_port: int, pipe_port: int, nbytes: int, reps: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", raw_port))
+    pipe = TCPKVPipe("127.0.0.1", pipe_port, "client", timeout_s=120)
+    raw = memoryview(bytearray(nbytes))
+    buf = None
     for _ in range(reps):
+        got = 0
+        while got < nbytes:
+            got += sock.recv_into(raw[got:], min(nbytes - got, 16 << 20))
+        sock.sendall(b"k")
         t = pipe.recv_tensor()
         assert t.numel() * t.element_size() == nbytes
-        pipe.send_tensor(None)  # the acknowledgement
+        pipe.send_tensor(None)
+        buf = pipe.recv_tensor(out=buf if buf is not None else torch.empty_like(t))
+        pipe.send_tensor(None)
+    sock.close()
     pipe.close()
 
 
-def _tcp(kv: torch.Tensor, reps: int, raw: bool) -> list[float]:
+def _tcp(kv: torch.Tensor, reps: int) -> dict[str, list[float]]:
+    """The three TCP modes, interleaved per repetition (load drift hits them alike)."""
     nbytes = kv.numel() * kv.element_size()
-    ctx = mp.get_context("spawn")
-    if raw:
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-    else:
-        pipe = TCPKVPipe("127.0.0.1", 0, "server", timeout_s=120)
-        port = pipe.port
-    proc = ctx.Process(target=_tcp_receiver, args=(port, nbytes, reps, raw), daemon=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    pipe = TCPKVPipe("127.0.0.1", 0, "server", timeout_s=120)
+    reps += 1  # one extra, untimed round first: connection set-up, the receiver's first pages
+    proc = mp.get_context("spawn").Process(
+        target=_tcp_receiver, args=(listener.getsockname()[1], pipe.port, nbytes, reps),
+        daemon=True,
+    )
     proc.start()
-    times = []
+    times: dict[str, list[float]] = {m: [] for m in _TCP_MODES}
     try:
-        if raw:
-            sock, _ = listener.accept()
-            data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
+        sock, _ = listener.accept()
+        data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
         for _ in range(reps):
             t0 = time.perf_counter()
-            if raw:
-                sock.sendall(data)
-                assert sock.recv(1) == b"k"
-            else:
+            sock.sendall(data)
+            assert sock.recv(1) == b"k"
+            times[_TCP_MODES[0]].append(time.perf_counter() - t0)
+            for mode in _TCP_MODES[1:]:
+                t0 = time.perf_counter()
                 pipe.send_tensor(kv)
                 assert pipe.recv_tensor() is None
-            times.append(time.perf_counter() - t0)
+                times[mode].append(time.perf_counter() - t0)
+        sock.close()
     finally:
-        (sock if raw else pipe).close()
-        if raw:
-            listener.close()
+        pipe.close()
+        listener.close()
         proc.join(60)
-    return times
+    return {m: v[1:] for m, v in times.items()}
 
 
-def _group_worker(info, mib: int, reps: int) -> list[float]:
+def _group_worker(info, mib: int, reps: int, into: bool) -> list[float]:
     g = GroupCoordinator([[0, 1]], "kv-bench")
     try:
         pipe = GroupKVPipe(g, 1 - info.rank)
         kv = _kv(mib) if info.rank == 0 else None
+        buf = _kv(mib) if into and info.rank == 1 else None
         times = []
-        for _ in range(reps):
+        for _ in range(reps + 1):  # the first is untimed, as for TCP
             g.barrier()
             t0 = time.perf_counter()
             if info.rank == 0:
                 pipe.send_tensor(kv)
             else:
-                pipe.recv_tensor()
+                pipe.recv_tensor(out=buf)
             g.barrier()  # the receiver holds the tensor
             times.append(time.perf_counter() - t0)
-        return times
+        return times[1:]
     finally:
         g.destroy()
 
@@ -113,18 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     kv = _kv(args.mib)
     nbytes = kv.numel() * kv.element_size()
     print(f"KV tensor {tuple(kv.shape)} bf16, {nbytes / 2**20:.0f} MiB; median of {args.reps}")
-    results = {
-        "plain socket (sendall / recv_into)": _tcp(kv, args.reps, raw=True),
-        "TCPKVPipe": _tcp(kv, args.reps, raw=False),
-    }
+    results = _tcp(kv, args.reps)
     with DistributedPool(2) as pool:
-        results["GroupKVPipe (shm)"] = pool.run(_group_worker, args.mib, args.reps,
-                                                timeout=600)[1]
+        for into in (False, True):
+            name = "GroupKVPipe (shm) " + ("recv_tensor(out=buf)" if into else "recv_tensor()")
+            results[name] = pool.run(_group_worker, args.mib, args.reps, into, timeout=600)[1]
     base = statistics.median(results["plain socket (sendall / recv_into)"])
     for name, times in results.items():
         t = statistics.median(times)
         print(f"{name:<36} {t * 1e3:8.1f} ms  {nbytes / t / 1e9:6.2f} GB/s  "
-              f"({base / t:.2f}x the plain socket)")
+              f"({base / t:.2f}x the plain socket)  reps: "
+              + " ".join(f"{v * 1e3:.0f}" for v in times))
     return 0
 
 

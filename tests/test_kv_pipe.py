@@ -50,6 +50,8 @@ def test_tcp_round_trip_is_bit_exact_and_ordered():
     def receive():
         for _ in range(len(_messages())):
             got.append(server.recv_tensor())
+        buf = torch.empty(KV_SHAPE, dtype=torch.bfloat16)
+        got.append((server.recv_tensor(out=buf), buf))  # into the caller's buffer
         server.send_tensor(torch.full((2,), 7.0))  # and back
 
     t = threading.Thread(target=receive)
@@ -57,12 +59,18 @@ def test_tcp_round_trip_is_bit_exact_and_ordered():
     with TCPKVPipe("127.0.0.1", server.port, "client", timeout_s=30) as client:
         for m in _messages():
             client.send_tensor(m)
+        client.send_tensor(_kv(5))
         back = client.recv_tensor()
+        client.send_tensor(torch.zeros(3))
     t.join(30)
-    server.close()
-    assert len(got) == len(_messages())
+    assert len(got) == len(_messages()) + 1
     assert all(_same(g, w) for g, w in zip(got, _messages())), got
+    returned, buf = got[-1]
+    assert returned is buf and _same(buf, _kv(5))
     assert torch.equal(back, torch.full((2,), 7.0))
+    with pytest.raises(KVPipeError, match="the peer sent torch.float32 \\(3,\\), out is"):
+        server.recv_tensor(out=torch.empty(4))
+    server.close()
 
 
 def test_tcp_bad_input_and_no_peer_fail_clearly():
@@ -161,6 +169,14 @@ def _group_round_trip(info) -> int:
             got = [pipe.recv_tensor() for _ in _messages()]
             assert all(_same(a, b) for a, b in zip(got, _messages())), got
             pipe.send_tensor(None)
+        if info.rank == 0:
+            pipe.send_tensor(_kv(6))
+            pipe.send_tensor(torch.zeros(3))
+        else:
+            buf = torch.empty(KV_SHAPE, dtype=torch.bfloat16)
+            assert pipe.recv_tensor(out=buf) is buf and _same(buf, _kv(6))
+            with pytest.raises(KVPipeError, match="out is torch.float32 \\(4,\\)"):
+                pipe.recv_tensor(out=torch.empty(4))
         with pytest.raises(ValueError, match="peer must be another rank"):
             GroupKVPipe(g, info.rank)
         return len(_messages())

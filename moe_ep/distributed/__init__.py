@@ -5,7 +5,8 @@ transport (`moe_ep.distributed.communicators`); `initialize_model_parallel` buil
 groups, which the getters and the `tensor_model_parallel_*` functions use.
 """
 
-from moe_ep.distributed.communicators import DeviceCommunicatorBase, set_retain_freed_memory
+from moe_ep.cpu_allocator import set_retain_freed_memory
+from moe_ep.distributed.communicators import DeviceCommunicatorBase
 from moe_ep.distributed.group import GroupCoordinator, in_the_same_node_as
 from moe_ep.distributed.kv_pipe import GroupKVPipe, KVPipeBase, KVPipeError, TCPKVPipe
 from moe_ep.distributed.state import (

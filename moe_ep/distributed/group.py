@@ -490,6 +490,16 @@ class GroupCoordinator:
         self._check_alive()
         return comm.recv(tuple(size), dtype, src)
 
+    def recv_into(self, out: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive what rank `src` sent with `send` straight into `out` (contiguous, the sent
+        shape and dtype, on this rank's CPU or device); returns `out`."""
+        _check_tensor(out, "out", self.name)
+        self._check_peer(src, "src")
+        if not out.is_contiguous():
+            raise ValueError(f"{self.name}: out must be contiguous")
+        self._comm(out).recv_tensor_list_into([out], src)
+        return out
+
     def barrier(self) -> None:
         """Wait until every rank of the group reaches this point."""
         if self.world_size > 1:

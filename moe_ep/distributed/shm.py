@@ -365,6 +365,15 @@ def shm_send_tensor_list(handle: int, tensors: Sequence[torch.Tensor], dst: int)
 
 def shm_recv_tensor_list(handle: int, src: int) -> list[torch.Tensor]:
     """The tensors rank `src` sent with `shm_send_tensor_list` (new CPU tensors)."""
+    return _recv_tensor_list(handle, src, None)
+
+
+def _recv_tensor_list(
+    handle: int, src: int, into: Sequence[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Receive a tensor list into new tensors, or into `into` (contiguous CPU tensors whose
+    dtypes and shapes must be the sent ones: a mismatch aborts the group, as the rest of the
+    message cannot be skipped)."""
     lib = _lib()
     meta_len, data_len = ctypes.c_uint64(), ctypes.c_uint64()
     if lib.shm_recv_begin(handle, src, ctypes.byref(meta_len), ctypes.byref(data_len)):
@@ -374,11 +383,20 @@ def shm_recv_tensor_list(handle: int, src: int) -> list[torch.Tensor]:
         raise _failure(handle)
     meta = array.array("q")
     meta.frombytes(raw.raw[: meta_len.value])
-    out, i = [], 1
+    specs, i = [], 1
     for _ in range(meta[0]):
         dtype, ndim = _DTYPES[meta[i]], meta[i + 1]
-        out.append(torch.empty(tuple(meta[i + 2 : i + 2 + ndim]), dtype=dtype))
+        specs.append((dtype, tuple(meta[i + 2 : i + 2 + ndim])))
         i += 2 + ndim
+    if into is None:
+        out = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
+    else:
+        out = list(into)
+        if [(t.dtype, tuple(t.shape)) for t in out] != specs or not all(
+            t.device.type == "cpu" and t.is_contiguous() for t in out
+        ):
+            _abort(handle, f"shm_recv_tensor_list: rank {src} sent {specs}, the receiver "
+                           f"expected {[(t.dtype, tuple(t.shape)) for t in out]} (contiguous CPU)")
     if sum(_nbytes(t) for t in out) != data_len.value:
         _abort(handle, f"shm_recv_tensor_list: metadata from rank {src} does not match its data")
     for t in out:
@@ -797,6 +815,14 @@ class ShmCommunicator:
         if src == self.rank_in_group:
             raise ValueError(f"src={src} is this rank")
         return shm_recv_tensor_list(self._h(), src)
+
+    def recv_tensor_list_into(self, tensors: Sequence[torch.Tensor], src: int) -> None:
+        """Receive what rank `src` sent with `send_tensor_list` straight into `tensors`
+        (contiguous CPU tensors of the sent dtypes and shapes; otherwise ShmError on both)."""
+        _check_int(src, "src", 0, self.world_size - 1)
+        if src == self.rank_in_group:
+            raise ValueError(f"src={src} is this rank")
+        _recv_tensor_list(self._h(), src, tensors)
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,7 @@
 from moe_ep.distributed.communicators.base import DeviceCommunicatorBase
 from moe_ep.distributed.communicators.cuda import CudaCommunicator
 from moe_ep.distributed.communicators.gloo import GlooCommunicator, TorchDistributedCommunicator
-from moe_ep.distributed.communicators.shm import SharedMemoryCommunicator, set_retain_freed_memory
+from moe_ep.distributed.communicators.shm import SharedMemoryCommunicator
 
 __all__ = [
     "CudaCommunicator",
@@ -11,5 +11,4 @@ __all__ = [
     "GlooCommunicator",
     "SharedMemoryCommunicator",
     "TorchDistributedCommunicator",
-    "set_retain_freed_memory",
 ]

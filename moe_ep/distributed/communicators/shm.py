@@ -12,8 +12,8 @@ Built by `GroupCoordinator` for a CPU group whose ranks share one node (see
 Outputs are fresh tensors unless the caller passes `out`. So that a fresh output does not pay a
 page fault per 4 KiB page (glibc hands large freed blocks back to the kernel), the first
 shared-memory group of a process makes glibc keep freed memory
-(`moe_ep.cpu_allocator.retain_freed_memory`), logging it once; `set_retain_freed_memory(False)`
-before building groups opts out.
+(`moe_ep.cpu_allocator.retain_freed_memory_once`), logging it once;
+`moe_ep.distributed.set_retain_freed_memory(False)` before building groups opts out.
 
 Failure: a dead, stuck or interrupted peer raises `ShmError` (naming it) on every rank, within
 the group's timeout; SIGINT reaches a waiting rank as KeyboardInterrupt.
@@ -22,14 +22,13 @@ the group's timeout; SIGINT reaches a waiting rank as KeyboardInterrupt.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from moe_ep.cpu_allocator import retain_freed_memory
+from moe_ep.cpu_allocator import retain_freed_memory_once
 from moe_ep.distributed.communicators.base import DeviceCommunicatorBase
 from moe_ep.distributed.communicators.gloo import GlooCommunicator
 from moe_ep.distributed.shm import (
@@ -40,35 +39,6 @@ from moe_ep.distributed.shm import (
 )
 
 logger = logging.getLogger(__name__)
-
-_ALLOCATOR = {"enabled": True, "done": False}
-_ALLOCATOR_LOCK = threading.Lock()
-
-
-def set_retain_freed_memory(enabled: bool) -> None:
-    """Whether the first shared-memory group of this process makes glibc keep freed memory
-    (default True). Call before building groups to keep the process's allocator untouched."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    with _ALLOCATOR_LOCK:
-        _ALLOCATOR["enabled"] = enabled
-
-
-def _retain_freed_memory_once(group: str) -> None:
-    with _ALLOCATOR_LOCK:
-        if _ALLOCATOR["done"] or not _ALLOCATOR["enabled"]:
-            return
-        _ALLOCATOR["done"] = True
-    if retain_freed_memory():
-        logger.info(
-            "group %r: glibc malloc now keeps freed memory for reuse (mmap threshold 1 GiB, no "
-            "trim), so per-call CPU outputs do not page-fault; opt out with "
-            "moe_ep.distributed.set_retain_freed_memory(False) before building groups", group,
-        )
-    else:
-        logger.info("group %r: could not tune the allocator (not glibc); outputs may page-fault",
-                    group)
-
 
 class SharedMemoryCommunicator(DeviceCommunicatorBase):
     """Collectives through one shared-memory segment; gloo for what it does not carry.
@@ -118,7 +88,7 @@ class SharedMemoryCommunicator(DeviceCommunicatorBase):
         except ShmUnavailableError as e:
             # Raised on every rank alike (e.g. /dev/shm full, ranks in separate containers).
             return None, f"the segment could not be set up: {e}"
-        _retain_freed_memory_once(unique_name)
+        retain_freed_memory_once(f"group {unique_name!r}")
         return cls(cpu_group, ranks, rank_in_group, unique_name, shm, fallback), (
             f"{shm.segment_bytes} bytes of shared memory, timeout {timeout_s:g} s"
         )
@@ -192,15 +162,7 @@ class SharedMemoryCommunicator(DeviceCommunicatorBase):
     def recv_tensor_list_into(self, tensors: Sequence[torch.Tensor], src: int) -> None:
         if any(t.dtype not in CARRIED_DTYPES for t in tensors):
             return self.fallback.recv_tensor_list_into(tensors, src)
-        received = self.shm.recv_tensor_list(src)
-        if [(r.shape, r.dtype) for r in received] != [(t.shape, t.dtype) for t in tensors]:
-            raise RuntimeError(
-                f"{self.unique_name}: rank {src} sent tensors "
-                f"{[(tuple(r.shape), r.dtype) for r in received]}, expected "
-                f"{[(tuple(t.shape), t.dtype) for t in tensors]}"
-            )
-        for t, r in zip(tensors, received, strict=True):
-            t.copy_(r)
+        self.shm.recv_tensor_list_into(tensors, src)
 
     def destroy(self) -> None:
         self.shm.destroy()
