@@ -1,17 +1,23 @@
-"""Build hooks for the native libraries: the CPU shared-memory library (csrc/cpu) and, where
-CUDA is present, the CUDA IPC custom all-reduce (csrc/custom_all_reduce.cu).
+"""Build hooks for the native libraries.
 
-Package metadata lives in pyproject.toml. Both libraries are plain shared objects loaded with
-ctypes, not Python extension modules:
+Package metadata lives in pyproject.toml; this file only adds plain shared objects, loaded with
+ctypes, not imported as Python extension modules:
 
-* `moe_ep._shm_native` (C, about a second, no torch headers) is built on every Linux install.
-  Hot loops carry `target_clones` (x86-64 v4 / v3 / baseline picked at load time), so the binary
-  stays valid if the installed tree moves to another x86-64 CPU. It is optional: without a C
-  compiler the install still succeeds and the shm layer reports itself unavailable.
-* `moe_ep._custom_ar` (CUDA) is built only when `nvcc` is found *and* the torch that the build
-  sees is a CUDA build (`torch.version.cuda`); a CPU install never tries. Under pip's build
-  isolation torch is not importable, so install with `--no-build-isolation` on GPU machines.
-  Architectures: `TORCH_CUDA_ARCH_LIST` (e.g. "8.0;9.0"), else 8.0 / 8.6 / 8.9 / 9.0 (+ PTX).
+* `moe_ep._shm_native` (csrc/cpu/shm_*.c): the shared-memory transport (segments, collectives,
+  point-to-point, the MoE token exchange), bound by `moe_ep.distributed.shm` / `shm_exchange`.
+* `moe_ep._kernels_native` (csrc/cpu/kernels/*.c): the local MoE kernels (routing plans,
+  segment sums), bound by `moe_ep.kernels`.
+* `moe_ep._custom_ar` (csrc/custom_all_reduce.cu): the CUDA IPC custom all-reduce, built only
+  when `nvcc` is found *and* the torch that the build sees is a CUDA build
+  (`torch.version.cuda`); a CPU install never tries. Under pip's build isolation torch is not
+  importable, so install with `--no-build-isolation` on GPU machines. Architectures:
+  `TORCH_CUDA_ARCH_LIST` (e.g. "8.0;9.0"), else 8.0 / 8.6 / 8.9 / 9.0 (+ PTX).
+
+The C libraries take a couple of seconds and no torch headers. Hot loops carry `target_clones`
+(x86-64 v4 / v3 / baseline picked at load time), so the binaries stay valid if the installed tree
+moves to another x86-64 CPU. They are optional: without a C compiler the install still
+succeeds; the shm layer reports itself unavailable (process groups fall back to gloo) and the
+managers use their torch code paths.
 """
 
 import os
@@ -24,6 +30,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _CPU = Path("csrc") / "cpu"
+_FLAGS = ["-O3", "-std=gnu11", "-fvisibility=hidden", "-Wall"]
 _CUDA_SOURCE = Path("csrc") / "custom_all_reduce.cu"
 _DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 
@@ -68,18 +75,24 @@ class BuildExt(build_ext):
         subprocess.check_call([*cmd, "-o", str(out)])
 
 
+def _native(name: str, sources: list[Path], headers: list[Path]) -> Extension:
+    return Extension(
+        name,
+        sources=[str(p) for p in sources],
+        depends=[str(p) for p in headers],
+        extra_compile_args=_FLAGS,
+        libraries=["rt"],
+        optional=True,
+    )
+
+
 ext_modules = []
 if sys.platform.startswith("linux"):
-    ext_modules.append(
-        Extension(
-            "moe_ep._shm_native",
-            sources=[str(p) for p in sorted(_CPU.glob("*.c"))],
-            depends=[str(p) for p in sorted(_CPU.glob("*.h"))],
-            extra_compile_args=["-O3", "-std=gnu11", "-fvisibility=hidden", "-Wall"],
-            libraries=["rt"],
-            optional=True,
-        )
-    )
+    headers = sorted(_CPU.glob("*.h")) + sorted((_CPU / "kernels").glob("*.h"))
+    ext_modules = [
+        _native("moe_ep._shm_native", sorted(_CPU.glob("shm_*.c")), headers),
+        _native("moe_ep._kernels_native", sorted((_CPU / "kernels").glob("*.c")), headers),
+    ]
 
 if __name__ == "__main__":
     setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

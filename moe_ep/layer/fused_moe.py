@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_ep.managers.base import All2AllManager, apply_experts, expert_placement
+from moe_ep.managers import All2AllManager, apply_experts, expert_placement
 
 
 def route(
@@ -146,7 +146,7 @@ class FusedMoE(nn.Module):
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            self.manager.abort_dispatch(
+            self.manager.abort(
                 ValueError(f"x must be [num_tokens, {self.hidden_size}], got {got}")
             )
         weights, ids = route(x @ self.gate.T, self.top_k, renormalize=self.renormalize)
