@@ -163,7 +163,7 @@ def _allocator_once(info) -> list[str]:
     from moe_ep.distributed import set_retain_freed_memory
 
     records = _Records()
-    log = logging.getLogger("moe_ep.distributed")
+    log = logging.getLogger("moe_ep")
     log.addHandler(records)
     log.setLevel(logging.INFO)
     try:

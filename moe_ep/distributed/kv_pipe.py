@@ -172,6 +172,7 @@ class TCPKVPipe(KVPipeBase):
                 sock = socket.create_connection(
                     (host, port), timeout=max(0.1, deadline - time.monotonic())
                 )
+                logger.debug("TCPKVPipe: connected to %s:%d", host, port)
                 return self._configure(sock)
             except OSError as e:
                 if time.monotonic() >= deadline:
@@ -201,6 +202,7 @@ class TCPKVPipe(KVPipeBase):
             self._listener.close()
             self._listener = None
             self._sock = self._configure(sock)
+            logger.debug("TCPKVPipe: accepted a peer on port %d", self.port)
         return self._sock
 
     # ------------------------------------------------------------------ transfers

@@ -10,7 +10,6 @@ goes to NCCL. Both paths give the same sum; the custom one sums in fp32 in rank 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -19,8 +18,6 @@ from torch.distributed import ProcessGroup
 
 from moe_ep.distributed.communicators.gloo import TorchDistributedCommunicator
 from moe_ep.distributed.custom_all_reduce import CustomAllreduce
-
-logger = logging.getLogger(__name__)
 
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); older torch has only that.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

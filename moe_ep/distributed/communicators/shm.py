@@ -21,7 +21,6 @@ the group's timeout; SIGINT reaches a waiting rank as KeyboardInterrupt.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -38,7 +37,6 @@ from moe_ep.distributed.shm import (
     ShmUnavailableError,
 )
 
-logger = logging.getLogger(__name__)
 
 class SharedMemoryCommunicator(DeviceCommunicatorBase):
     """Collectives through one shared-memory segment; gloo for what it does not carry.
