@@ -81,6 +81,8 @@ def _torchrun_topology():
     )
     from moe_ep.distributed.topology import Topology
 
+    # A caller that already runs a job (main() called in-process) keeps its process group.
+    owned = not dist.is_initialized()
     init_distributed()
     try:
         initialize_model_parallel()
@@ -88,7 +90,8 @@ def _torchrun_topology():
     finally:
         # Nothing else needs the job's groups: the report is printed from the topology.
         destroy_model_parallel()
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 def _availability(topology, assume_available: bool = False) -> dict[str, tuple[bool, str]]:

@@ -239,3 +239,45 @@ def test_bench_loop_inside_a_launched_job(dist_pool):
         ("alltoallv", 1), ("alltoallv", 8)]
     assert all(r["status"] == "ok" and r["total_us"]["median"] > 0 for r in rows0), rows0
     assert len(lines0) == 2 * len(rows0) and not lines1  # only rank 0 reports progress
+
+
+def _check_config_in_a_job(info):
+    """`main(["check-config", ...])` called inside a running job, twice."""
+    import contextlib
+    import io
+
+    import torch
+    import torch.distributed as dist
+
+    saved = {v: os.environ.get(v) for v in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size))
+    try:
+        outs = []
+        for name in ("cpu-local", "multi-node-rdma"):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                code = main(["check-config", name])
+            outs.append((code, buf.getvalue()))
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    alive = dist.is_initialized()
+    total = torch.ones(1)
+    if alive:
+        dist.all_reduce(total)
+    return outs, alive, total.item()
+
+
+def test_check_config_keeps_the_callers_process_group(dist_pool):
+    """Under torchrun `check-config` detects the launched job; called inside a job that is
+    already running, it leaves that job's process group up."""
+    results = dist_pool(2).run(_check_config_in_a_job, timeout=120)
+    for rank, (outs, alive, total) in enumerate(results):
+        assert alive and total == 2.0, rank
+        for code, out in outs:
+            assert code == 0
+            assert bool(out) == (rank == 0)  # rank 0 reports
+    assert "topology (the torchrun job):" in results[0][0][1][1]
