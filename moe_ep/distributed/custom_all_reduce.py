@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from moe_ep.distributed.topology import nvlink_all_connected
+
 logger = logging.getLogger(__name__)
 
 #: world sizes the kernels are instantiated for
@@ -244,8 +246,6 @@ class CustomAllreduce:
 
     def _p2p(self) -> tuple[bool, bool | None]:
         """(peer access between every pair of visible GPUs, NVLink all-to-all or None)."""
-        from moe_ep.distributed.topology import nvlink_all_connected
-
         n = torch.cuda.device_count()
         try:
             ok = all(
@@ -330,6 +330,9 @@ class CustomAllreduce:
         """Sum of `x` over the group into `out` (new when None). `registered=True` reads `x` in
         place (it must be registered, or be met while capturing); otherwise it is copied into
         the staging buffer first."""
+        if registered and out is x:
+            # Peers read x while this rank would write it: sum elsewhere, then copy back.
+            return x.copy_(self.all_reduce(x, registered=True))
         if out is None:
             out = torch.empty_like(x)
         stream = torch.cuda.current_stream(x.device).cuda_stream
