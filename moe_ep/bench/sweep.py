@@ -152,7 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from moe_ep.cli import CLIError
+    from moe_ep.launch import CLIError
 
     if args.iters < 1:
         raise CLIError(f"--iters must be >= 1, got {args.iters}")
@@ -169,10 +169,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _canonical(names: Sequence[str]) -> list[str]:
-    from moe_ep.cli import CLIError
-    from moe_ep.config import _registry_names
+    from moe_ep.launch import CLIError
+    from moe_ep.managers.registry import ALIASES, known_managers
 
-    known, aliases = _registry_names()
+    known, aliases = known_managers(), ALIASES
     out = []
     for name in names:
         canon = aliases.get(name, name)
@@ -303,8 +303,7 @@ def _summary(row: Mapping[str, Any], seconds: float) -> str:
 def run_spawned(plan: Plan, world_size: int, device: str,
                 echo: Callable[..., None] = print) -> list[dict[str, Any]]:
     """Run `plan` on `world_size` freshly spawned local ranks; one row per case."""
-    from moe_ep.testing import DistributedPool
-    from moe_ep.testing.harness import DistributedTimeoutError, WorkerCrashedError
+    from moe_ep.launch import DistributedPool, DistributedTimeoutError, WorkerCrashedError
 
     rows: list[dict[str, Any]] = []
     pool = None
@@ -485,7 +484,7 @@ def _meta(args: argparse.Namespace, plan: Plan, world_size: int, device: str,
 
 def main_from_args(args: argparse.Namespace) -> int:
     """`moe-ep bench` with parsed arguments; returns the exit status."""
-    from moe_ep.cli import EXIT_ERROR, CLIError, local_topology, under_torchrun
+    from moe_ep.launch import EXIT_ERROR, CLIError, local_topology, under_torchrun
 
     _check_args(args)
     started = time.perf_counter()

@@ -44,6 +44,7 @@ import torch
 
 from moe_ep.managers.accounting import WireBytes, WireCounter
 from moe_ep.managers.cache import HandleCache
+from moe_ep.managers.options import NoOptions
 
 if TYPE_CHECKING:
     from moe_ep.distributed.group import GroupCoordinator
@@ -59,9 +60,7 @@ __all__ = [
     "GatheredTokens",
     "Layout",
     "ManagerUnavailableError",
-    "NoOptions",
     "RemoteInputError",
-    "check_option_type",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -290,20 +289,6 @@ class GatheredTokens:
     router_logits: torch.Tensor
     tokens_per_rank: tuple[int, ...]
     handle: CombineState
-
-
-# ------------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class NoOptions:
-    """Options of a manager that takes none."""
-
-
-def check_option_type(name: str, value: object, types: tuple[type, ...]) -> None:
-    """Raise TypeError unless `value` is one of `types` (bool is not accepted as int)."""
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        wanted = " or ".join(t.__name__ for t in types)
-        raise TypeError(f"option {name!r} must be {wanted}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------- the ABC

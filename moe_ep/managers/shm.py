@@ -49,39 +49,12 @@ from moe_ep.managers.contract import (
     EPSpec,
     Layout,
     ManagerUnavailableError,
-    check_option_type,
 )
 from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.options import ShmAll2AllOptions
 from moe_ep.managers.placement import expert_placement
 
 __all__ = ["ShmAll2AllManager", "ShmAll2AllOptions", "ShmHandle", "ShmState"]
-
-_LAYOUTS = ("token", "expert_packed")
-
-
-@dataclass(frozen=True)
-class ShmAll2AllOptions:
-    """Options of `shm`.
-
-    Attributes:
-        layout: "token" (default; rows read in place, one per (token, destination)) or
-            "expert_packed" (rows grouped by local expert).
-        max_tokens_per_rank: capacity of the handle a dispatch without a handle gets (grown
-            to a power of two when a call needs more).
-    """
-
-    layout: str = "token"
-    max_tokens_per_rank: int = 256
-
-    def __post_init__(self) -> None:
-        check_option_type("layout", self.layout, (str,))
-        if self.layout not in _LAYOUTS:
-            raise ValueError(f"option 'layout' must be one of {_LAYOUTS}, got {self.layout!r}")
-        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
-        if self.max_tokens_per_rank < 1:
-            raise ValueError(
-                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
-
 
 class ShmHandle(EPHandle):
     """A layer's shared buffers and per-half routing plans.
