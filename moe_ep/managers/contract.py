@@ -344,7 +344,7 @@ class All2AllManager(ABC):
         self.uid = protocol.agree_on_manager(self)
         if group.device.type == "cpu":
             # Per-call outputs (combine's [N, H]) must not come from freshly mapped pages.
-            tune_cpu_allocator()
+            tune_cpu_allocator(f"manager {self.name!r}")
 
     # ---- options -----------------------------------------------------------------------------
 
