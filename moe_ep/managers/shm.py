@@ -74,8 +74,7 @@ class ShmHandle(EPHandle):
                                     manager.world_size, spec.topk, spec.max_tokens_per_rank)
             for _ in range(2)
         ]
-        self.tokens_per_expert = [torch.zeros(self.num_local, dtype=torch.int64)
-                                  for _ in range(2)]
+        self.counters = [kernels.ExpertCounter(self.num_local) for _ in range(2)]
         self.buffer = None
         if manager.world_size > 1:
             from moe_ep.distributed.shm_exchange import ExchangeGeometry
@@ -254,7 +253,7 @@ class ShmAll2AllManager(All2AllManager):
         self._sent = (handle.spec, tuple(planner.send_counts.tolist()))
         return self._result(state, buf.x[half][:received], ids, weights,
                             None if scales is None else scales[:received],
-                            handle.tokens_per_expert[half])
+                            handle.counters[half])
 
     def _dispatch_local(self, call: int, seq: int, handle: ShmHandle, checked: CheckedInputs,
                         planner: kernels.DispatchPlanner) -> DispatchResult:
@@ -267,14 +266,13 @@ class ShmAll2AllManager(All2AllManager):
                          dst_offset=(0,))
         scales = None if checked.x_scales is None else checked.x_scales.index_select(0, rows)
         return self._result(state, checked.x.index_select(0, rows), planner.row_ids[:m].clone(),
-                            planner.row_weights[:m].clone(), scales,
-                            handle.tokens_per_expert[seq & 1])
+                            planner.row_weights[:m].clone(), scales, handle.counters[seq & 1])
 
     def _result(self, state: ShmState, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                scales: torch.Tensor | None, tpe: torch.Tensor) -> DispatchResult:
+                scales: torch.Tensor | None, counter: kernels.ExpertCounter) -> DispatchResult:
         num_local = state.handle.num_local
         if self.layout is Layout.TOKEN:
-            kernels.count_experts(ids, num_local, out=tpe)
+            tpe = counter.count(ids)
             return DispatchResult(Layout.TOKEN, x, scales, ids, weights, tpe, state)
         packed = kernels.packed_layout(ids, weights, num_local)
         state.packed = packed
@@ -349,8 +347,7 @@ class ShmAll2AllManager(All2AllManager):
             out = kernels.segment_sum(out, p.row_order, p.row_offsets, p.row_weight)
             ptrs = [out.data_ptr()]
         y = torch.empty((state.num_tokens, spec.hidden), dtype=spec.combine_dtype)
-        kernels.gather_sum(y, ptrs, planner.send_counts, planner.token_rows[: state.num_tokens])
-        return y
+        return planner.sum_back(y, ptrs, spec.hidden)
 
     # ---- wire accounting -----------------------------------------------------------------
 
