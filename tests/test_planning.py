@@ -48,7 +48,7 @@ def test_plan_dispatch_native_equals_torch():
 def test_plan_dispatch_independent_properties():
     """What the plan means, checked with loops: each token goes once to each owner of one of
     its experts, carrying exactly its slots there."""
-    for world, num_experts, topk, weights, ids in _cases(100):
+    for world, num_experts, _, weights, ids in _cases(100):
         placement = expert_placement(num_experts, world)
         plan = planning.plan_dispatch(ids, weights, placement)
         owner = placement.owner_cpu.tolist()
@@ -70,7 +70,7 @@ def test_plan_dispatch_independent_properties():
 
 
 def test_packed_layout_native_equals_torch():
-    for world, num_experts, topk, weights, ids in _cases(300):
+    for world, num_experts, _, weights, ids in _cases(300):
         placement = expert_placement(num_experts, world)
         plan = planning.plan_dispatch(ids, weights, placement)
         rank = world - 1
