@@ -486,3 +486,36 @@ def test_apply_experts_rejects_bad_expert_output():
         apply_experts(result, lambda e, rows: rows[:, :2])
     with pytest.raises(TypeError, match="DispatchResult"):
         apply_experts(object(), lambda e, rows: rows)
+
+
+def test_grad_message_names_the_tensors_that_require_grad():
+    from moe_ep.managers.inputs import check_dispatch
+
+    spec = EPSpec(hidden=4, num_experts=4, topk=2, dtype=torch.float32)
+    x, w, ids = torch.randn(3, 4), torch.rand(3, 2), torch.tensor([[0, 1]] * 3)
+    cases = ((x.clone().requires_grad_(), w, "x requires grad"),
+             (x, w.clone().requires_grad_(), "topk_weights requires grad"))
+    for xx, ww, fragment in cases:
+        with pytest.raises(ValueError, match=fragment):
+            check_dispatch(spec, xx, ww, ids, None, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="x and topk_weights require grad"):
+        check_dispatch(spec, x.clone().requires_grad_(), w.clone().requires_grad_(), ids, None,
+                       device=torch.device("cpu"))
+    with torch.no_grad():
+        check_dispatch(spec, x.clone().requires_grad_(), w, ids, None, device=torch.device("cpu"))
+
+
+def test_wire_rows_round_trip_for_odd_hidden_and_one_token():
+    """The old wire format crashed on bf16 / fp16 with an odd hidden size and one row (an
+    int32 view at an odd byte offset); every field must come back bit for bit."""
+    from moe_ep.managers.group_exchange import pack_rows, unpack_rows
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for n in (0, 1, 3):
+            x = torch.randn(n, 7).to(dtype)
+            ids = torch.randint(-1, 5, (n, 3))
+            w = torch.rand(n, 3)
+            s = torch.rand(n, 2)
+            got = unpack_rows(pack_rows(x, ids, w, s), 7, dtype, 3, 2)
+            for a, b in zip(got, (x, ids, w, s), strict=True):
+                assert torch.equal(a, b), (dtype, n)

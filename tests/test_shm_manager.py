@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import pytest
 import torch
@@ -188,7 +189,9 @@ def _leaves_nothing(info) -> list[str]:
     mgr = build_manager("shm", group)
     mgr.get_handle(EPSpec(hidden=8, num_experts=4, topk=1, max_tokens_per_rank=8,
                           dtype=torch.float32))
-    mine = [f for f in os.listdir("/dev/shm") if f.startswith("moe_ep_")]
+    # This job's names carry its rank 0's pid (other jobs may run beside it).
+    creator = group.broadcast_object(os.getpid(), src=0)
+    mine = [f for f in os.listdir("/dev/shm") if f.startswith(f"moe_ep_{creator}_")]
     mgr.destroy()
     group.destroy()
     return mine
@@ -247,8 +250,6 @@ def _refusals(info) -> list[str]:
     the same-node probe answers per rank): every rank refuses alike."""
     from unittest import mock
 
-    from moe_ep.distributed import group as group_module
-
     gloo = GroupCoordinator([list(range(info.world_size))], "ep_gloo", use_shm=False)
     seen = []
     try:
@@ -258,8 +259,7 @@ def _refusals(info) -> list[str]:
             with pytest.raises(ManagerUnavailableError) as exc:
                 build_manager("shm", gloo)
         seen.append(str(exc.value))
-        apart = [r == 0 for r in range(info.world_size)]
-        with mock.patch.object(group_module, "in_the_same_node_as", lambda g, s=0: apart):
+        with mock.patch.object(gloo, "same_node", False):
             with pytest.raises(ManagerUnavailableError) as exc:
                 build_manager("shm", gloo)
         seen.append(str(exc.value))
@@ -276,4 +276,70 @@ def test_refused_alike_on_every_rank(dist_pool):
     results = dist_pool(2).run(_refusals, timeout=60)
     for no_lib, apart in results:
         assert "rank 1: no native library (simulated)" in no_lib
-        assert "ranks [1] are not on the node of rank 0" in apart
+        assert "on one node (the group spans several)" in apart
+
+
+# --------------------------------------------------------------- a peer killed mid-dispatch
+def _ep_crash_worker(rank: int, world: int, store: str, q) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        group = GroupCoordinator([list(range(world))], "ep", timeout_s=30.0)
+        mgr = build_manager("shm", group)
+        handle = mgr.get_handle(EPSpec(hidden=4096, num_experts=16, topk=4,
+                                       max_tokens_per_rank=256, dtype=torch.bfloat16))
+        xs, ws, ids, _ = _inputs(rank, world, 200, 4096, 16, 4, torch.bfloat16, 5)
+        q.put(("ready", rank, os.getpid(), time.monotonic()))
+        while True:  # the kill lands inside a dispatch or a combine
+            res = mgr.dispatch(xs[rank], ws[rank], ids[rank], handle=handle)
+            mgr.combine(apply_experts(res, lambda e, q_: q_), res)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        q.put(("error", rank, f"{type(e).__name__}: {e}", time.monotonic()))
+
+
+def test_peer_killed_mid_dispatch_is_named_and_leaks_nothing(tmp_path):
+    import multiprocessing as mp
+    import queue
+    import signal
+
+    world, victim = 3, 1
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ep_crash_worker, args=(r, world, str(tmp_path / "store"), q),
+                         daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        ready = {}
+        deadline = time.monotonic() + 120
+        while len(ready) < world and time.monotonic() < deadline:
+            kind, rank, pid, _ = q.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert kind == "ready", (kind, rank, pid)
+            ready[rank] = pid
+        assert len(ready) == world
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        os.kill(procs[victim].pid, signal.SIGKILL)
+        errors = []
+        while len(errors) < world - 1:
+            try:
+                errors.append(q.get(timeout=60))
+            except queue.Empty:
+                break
+        assert sorted(m[1] for m in errors) == [0, 2], errors
+        for kind, rank, text, at in errors:
+            assert kind == "error" and text.startswith("ShmError"), (rank, text)
+            assert f"rank {victim} (pid {ready[victim]}) died" in text, (rank, text)
+            assert at - killed_at < 10.0, (rank, at - killed_at, text)  # timeout is 30 s
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"moe_ep_{ready[0]}_")]

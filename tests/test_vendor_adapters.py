@@ -943,6 +943,15 @@ def test_vllm_name_of_flashinfer_is_an_alias():
     assert get_manager_class("flashinfer_all2allv").name == "flashinfer_mnnvl"
 
 
+def test_configs_check_the_adapters_own_options():
+    """The registry's option classes (what configs validate against, without importing a
+    backend) are the ones the adapters take."""
+    from moe_ep.managers.registry import options_class
+
+    for name in VENDORS:
+        assert options_class(name) is get_manager_class(name).options_cls, name
+
+
 def test_adapters_read_only_real_quant_formats():
     """The FlashInfer adapter names QuantFormat.DeepSeekFp8: a member of the real enum."""
     members = dict(_snapshot()["packages"]["flashinfer"]["signatures"]["QuantFormat[]"])

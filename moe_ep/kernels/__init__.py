@@ -8,6 +8,7 @@ moe_ep.managers.expert_ops) that the managers use on other devices and the tests
 
 from moe_ep.kernels.native import (
     DispatchPlanner,
+    ExpertCounter,
     KernelError,
     available,
     count_experts,
@@ -20,6 +21,7 @@ from moe_ep.kernels.native import (
 
 __all__ = [
     "DispatchPlanner",
+    "ExpertCounter",
     "KernelError",
     "available",
     "count_experts",

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "DispatchPlan",
     "DispatchPlanner",
+    "ExpertCounter",
     "KernelError",
     "PackedLayout",
     "available",
@@ -162,6 +163,7 @@ class DispatchPlanner:
         self.row_weights = torch.empty(rows, self.topk, dtype=torch.float32)
         self.token_rows = torch.empty(max(1, self.capacity), self.world, dtype=torch.int64)
         self._bad = torch.zeros(2, dtype=torch.int64)
+        self._ptrs = (ctypes.c_void_p * self.world)()
         self._args = (
             self.owner.data_ptr(), self.local.data_ptr(), self.num_experts, self.world,
             self.send_counts.data_ptr(), self.send_token.data_ptr(), self.row_ids.data_ptr(),
@@ -192,6 +194,20 @@ class DispatchPlanner:
                 f"topk_ids routes token {t} to the same expert twice ({ids[t].tolist()}); the "
                 "ids of one token must be distinct (pad with -1)")
         return KernelError(f"moe_plan_dispatch failed with code {rc}", rc, (t, k))
+
+    def sum_back(self, out: torch.Tensor, bases: list[int], hidden: int) -> torch.Tensor:
+        """The combine's last step for the last plan: `out [N, H]` (contiguous CPU, dtype code
+        of the rows) = for each token, the sum of its rows at each destination d, read from
+        `bases[d]` (the address of the first of the rows this rank sent to d, as returned
+        there: `send_counts[d]` rows of `hidden` elements)."""
+        n = out.shape[0]
+        for d, base in enumerate(bases):
+            self._ptrs[d] = base
+        if self._lib.moe_gather_sum(DTYPE_CODES[out.dtype], out.data_ptr(), n, self.world,
+                                    self._ptrs, self.send_counts.data_ptr(),
+                                    self.token_rows.data_ptr(), hidden, self._bad.data_ptr()):
+            raise _bounds_error("sum_back: token rows", self._bad)
+        return out
 
     def result(self, n: int) -> DispatchPlan:
         """The last plan (of `n` tokens) as tensors sliced to their sizes (copies)."""
@@ -277,18 +293,30 @@ def packed_layout(row_ids: torch.Tensor, row_weights: torch.Tensor, num_local: i
     )
 
 
-def count_experts(row_ids: torch.Tensor, num_local: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+class ExpertCounter:
+    """Tokens per local expert of received TOKEN rows, into one reused `[num_local] int64`."""
+
+    def __init__(self, num_local: int) -> None:
+        self._lib = _lib()
+        self.num_local = int(num_local)
+        self.out = torch.zeros(self.num_local, dtype=torch.int64)
+        self._bad = torch.zeros(1, dtype=torch.int64)
+
+    def count(self, row_ids: torch.Tensor) -> torch.Tensor:
+        """`out[e]` = slots of `row_ids [M, K] int64` (contiguous CPU) naming local expert e;
+        raises KernelError for an id outside [-1, num_local)."""
+        m, k = row_ids.shape
+        if self._lib.moe_count_experts(row_ids.data_ptr(), m, k, self.num_local,
+                                       self.out.data_ptr(), self._bad.data_ptr()):
+            raise _bounds_error(f"row_ids must hold local ids in [-1, {self.num_local})",
+                                self._bad)
+        return self.out
+
+
+def count_experts(row_ids: torch.Tensor, num_local: int) -> torch.Tensor:
     """`[num_local] int64` number of slots of `row_ids [M, K] int64` naming each local expert."""
     _check(row_ids, "row_ids", torch.int64, 2)
-    if out is None:
-        out = torch.empty(num_local, dtype=torch.int64)
-    bad = torch.zeros(1, dtype=torch.int64)
-    m, k = row_ids.shape
-    if _lib().moe_count_experts(row_ids.data_ptr(), m, k, num_local, out.data_ptr(),
-                                bad.data_ptr()):
-        raise _bounds_error(f"row_ids must hold local ids in [-1, {num_local})", bad)
-    return out
+    return ExpertCounter(num_local).count(row_ids)
 
 
 # ------------------------------------------------------------------------------ reductions

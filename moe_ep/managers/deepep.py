@@ -61,24 +61,12 @@ from moe_ep.managers.contract import (
     DispatchResult,
     EPSpec,
     Layout,
-    check_option_type,
 )
 from moe_ep.managers.inputs import CheckedInputs
-from moe_ep.managers.vendor import (
-    VendorHandle,
-    VendorManager,
-    VendorOptions,
-    VendorState,
-    count_local_ids,
-)
+from moe_ep.managers.options import DeepEPHighThroughputOptions, DeepEPLowLatencyOptions
+from moe_ep.managers.vendor import VendorHandle, VendorManager, VendorState, count_local_ids
 
-__all__ = [
-    "DeepEPHighThroughputManager",
-    "DeepEPHighThroughputOptions",
-    "DeepEPLowLatencyManager",
-    "DeepEPLowLatencyOptions",
-    "LL_HIDDEN_SIZES",
-]
+__all__ = ["DeepEPHighThroughputManager", "DeepEPLowLatencyManager", "LL_HIDDEN_SIZES"]
 
 #: `get_dispatch_config` / `get_combine_config` rank counts (the normal kernels' table).
 HT_WORLD_SIZES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)
@@ -169,31 +157,6 @@ class _DeepEPManager(VendorManager):
 
 
 # ------------------------------------------------------------------------- high throughput
-@dataclass(frozen=True)
-class DeepEPHighThroughputOptions(VendorOptions):
-    """Options of `deepep_high_throughput` (and those of `VendorOptions`).
-
-    Attributes:
-        num_nvl_bytes: NVLink buffer bytes per rank (a multiple of 128); None: DeepEP's size
-            hint for the spec (vLLM passes 1 GiB).
-        fixed_rows: intranode, receive `W * max_tokens_per_rank` rows (`num_worst_tokens`):
-            no CPU wait, CUDA-graph capturable. False: exactly the rows that arrive, after a
-            CPU wait for the count. Internode DeepEP always waits.
-    """
-
-    num_nvl_bytes: int | None = None
-    fixed_rows: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_nvl_bytes is not None:
-            check_option_type("num_nvl_bytes", self.num_nvl_bytes, (int,))
-            if self.num_nvl_bytes <= 0 or self.num_nvl_bytes % 128:
-                raise ValueError("option 'num_nvl_bytes' must be a positive multiple of 128, "
-                                 f"got {self.num_nvl_bytes}")
-        check_option_type("fixed_rows", self.fixed_rows, (bool,))
-
-
 class DeepEPHighThroughputManager(_DeepEPManager):
     """`deepep_high_throughput`: DeepEP's normal kernels, TOKEN layout (module docstring)."""
 
@@ -299,29 +262,6 @@ class DeepEPHighThroughputManager(_DeepEPManager):
 
 
 # ------------------------------------------------------------------------------ low latency
-@dataclass(frozen=True)
-class DeepEPLowLatencyOptions(VendorOptions):
-    """Options of `deepep_low_latency` (and those of `VendorOptions`).
-
-    Attributes:
-        use_fp8: DeepEP casts the bfloat16 input to float8_e4m3fn inside the dispatch kernel
-            (per-token, per-128-channel float32 scales in `x_scales`).
-        round_scale: with `use_fp8`, round the scales up to powers of two.
-        allow_mnnvl: let NVSHMEM use multi-node NVLink (GB200/GB300 racks).
-    """
-
-    use_fp8: bool = False
-    round_scale: bool = False
-    allow_mnnvl: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("use_fp8", "round_scale", "allow_mnnvl"):
-            check_option_type(name, getattr(self, name), (bool,))
-        if self.round_scale and not self.use_fp8:
-            raise ValueError("option 'round_scale' needs use_fp8=True")
-
-
 class DeepEPLowLatencyManager(_DeepEPManager):
     """`deepep_low_latency`: DeepEP's low-latency kernels, EXPERT_PADDED (module docstring)."""
 

@@ -14,7 +14,8 @@ import torch
 from moe_ep import kernels
 from moe_ep.managers.contract import CombineState, DispatchResult, Layout
 
-__all__ = ["ExpertFn", "apply_experts", "gather_sum", "segment_sum", "weighted_row_sum"]
+__all__ = ["ExpertFn", "apply_experts", "gather_sum", "gather_sum_torch", "segment_sum",
+           "segment_sum_torch", "weighted_row_sum"]
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -51,6 +52,13 @@ def segment_sum(
     src = src.contiguous()
     if _native(src):
         return kernels.segment_sum(src, rows, offsets, weights, out=out)
+    return segment_sum_torch(src, rows, offsets, weights, out)
+
+
+def segment_sum_torch(src: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+                      weights: torch.Tensor | None, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """The pure-torch twin of `moe_ep.kernels.segment_sum` (any device)."""
     nseg = offsets.numel() - 1
     counts = offsets[1:] - offsets[:-1]
     segment = torch.repeat_interleave(torch.arange(nseg, device=src.device), counts)
@@ -82,6 +90,14 @@ def gather_sum(sources: Sequence[torch.Tensor], rows: torch.Tensor,
             out, [s.data_ptr() for s in sources],
             torch.tensor([s.shape[0] for s in sources], dtype=torch.int64), rows,
         )
+    return gather_sum_torch(sources, rows, out)
+
+
+def gather_sum_torch(sources: Sequence[torch.Tensor], rows: torch.Tensor, out: torch.Tensor
+                     ) -> torch.Tensor:
+    """The pure-torch twin of `moe_ep.kernels.gather_sum` (any device)."""
+    n, h = out.shape
+    dtype, device = out.dtype, out.device
     acc = torch.zeros((n, h), dtype=_acc_dtype(dtype), device=device)
     for d, src in enumerate(sources):
         col = rows[:, d]

@@ -40,13 +40,8 @@ import torch
 from moe_ep.managers import protocol
 from moe_ep.managers.contract import DispatchResult, EPSpec, Layout
 from moe_ep.managers.inputs import CheckedInputs
-from moe_ep.managers.vendor import (
-    VendorHandle,
-    VendorManager,
-    VendorOptions,
-    VendorState,
-    count_local_ids,
-)
+from moe_ep.managers.options import VendorOptions
+from moe_ep.managers.vendor import VendorHandle, VendorManager, VendorState, count_local_ids
 
 __all__ = ["FlashInferMnnvlManager", "SUPPORTED_TOP_K"]
 

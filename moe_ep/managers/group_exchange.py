@@ -111,16 +111,23 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 def unpack_rows(rows: torch.Tensor, hidden: int, dtype: torch.dtype, topk: int, scale_cols: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Inverse of `pack_rows`: `x [M, H] dtype`, `ids [M, K] int64`, `weights [M, K]
-    float32`, `scales [M, S] float32` or None (fresh, aligned tensors)."""
-    m = rows.shape[0]
+    float32`, `scales [M, S] float32` or None."""
     k4, s4 = 4 * topk, 4 * scale_cols
-    meta = 8 * topk + s4
-    meta += -meta % 8
-    ids = rows[:, :k4].contiguous().view(torch.int32).long()
-    weights = rows[:, k4:2 * k4].contiguous().view(torch.float32)
-    scales = rows[:, 2 * k4:2 * k4 + s4].contiguous().view(torch.float32) if scale_cols else None
-    x = rows[:, meta:].contiguous().view(dtype).view(m, hidden)
+    meta = packed_meta_bytes(topk, scale_cols)
+    ids = _field(rows, 0, k4, torch.int32).long()
+    weights = _field(rows, k4, k4, torch.float32)
+    scales = _field(rows, 2 * k4, s4, torch.float32) if scale_cols else None
+    x = _field(rows, meta, hidden * torch.empty((), dtype=dtype).element_size(), dtype)
     return x, ids, weights, scales
+
+
+def _field(rows: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes `[start, start + nbytes)` of every row viewed as `[M, nbytes / size] dtype`. The
+    flattening copies unless the slice is one contiguous run (one row), which then starts at
+    an aligned offset by construction of `pack_rows`."""
+    m = rows.shape[0]
+    cols = nbytes // torch.empty((), dtype=dtype).element_size()
+    return rows[:, start:start + nbytes].reshape(-1).view(dtype).view(m, cols)
 
 
 def packed_meta_bytes(topk: int, scale_cols: int) -> int:

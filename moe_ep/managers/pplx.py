@@ -44,13 +44,13 @@ from moe_ep.managers.contract import (
     EPSpec,
     Layout,
     ManagerUnavailableError,
-    check_option_type,
 )
 from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.options import PplxOptions
 from moe_ep.managers.placement import expert_placement
-from moe_ep.managers.vendor import VendorHandle, VendorManager, VendorOptions, VendorState
+from moe_ep.managers.vendor import VendorHandle, VendorManager, VendorState
 
-__all__ = ["PplxManager", "PplxOptions", "fill_missing_ids"]
+__all__ = ["PplxManager", "fill_missing_ids"]
 
 _HINT = ("build pplx-kernels from source, github.com/ppl-ai/pplx-kernels@12cecfd, with the "
          "CUDA toolkit and NVSHMEM: docs/backends.md")
@@ -94,24 +94,6 @@ def fill_missing_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     filled = table.gather(1, slot)
     return (torch.where(missing, filled, topk_ids),
             torch.where(missing, torch.zeros_like(topk_weights), topk_weights))
-
-
-@dataclass(frozen=True)
-class PplxOptions(VendorOptions):
-    """Options of `pplx` (and those of `VendorOptions`).
-
-    Attributes:
-        internode: True: NVSHMEM (`AllToAll.internode`); False: CUDA IPC within one node
-            (`AllToAll.intranode`); None (default): intranode when every rank shares rank 0's
-            node.
-    """
-
-    internode: bool | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.internode is not None:
-            check_option_type("internode", self.internode, (bool,))
 
 
 @dataclass(eq=False)

@@ -26,6 +26,7 @@ __all__ = [
     "build_manager",
     "get_manager_class",
     "known_managers",
+    "options_class",
     "resolve_name",
 ]
 
@@ -46,6 +47,20 @@ ALIASES: Mapping[str, str] = {
     "agrs": "allgather_reducescatter",
     # vLLM's name of its FlashInfer backend (an all-to-all-v in FlashInfer < 0.7).
     "flashinfer_all2allv": "flashinfer_mnnvl",
+}
+
+#: Canonical name -> its options dataclass in `moe_ep.managers.options` (None: the backend is
+#: a placeholder whose options are not declared yet). Configs check options through this,
+#: importing no backend module.
+OPTIONS: Mapping[str, str | None] = {
+    "naive": "NoOptions",
+    "allgather_reducescatter": "NoOptions",
+    "alltoallv": "AllToAllVOptions",
+    "shm": "ShmAll2AllOptions",
+    "deepep_high_throughput": "DeepEPHighThroughputOptions",
+    "deepep_low_latency": "DeepEPLowLatencyOptions",
+    "pplx": "PplxOptions",
+    "flashinfer_mnnvl": "VendorOptions",
 }
 
 
@@ -75,6 +90,15 @@ def resolve_name(name: str) -> str:
             f"(aliases: {aliases})"
         )
     return canonical
+
+
+def options_class(name: str) -> type | None:
+    """The options dataclass of backend `name` (or its alias), without importing the backend;
+    None when the backend declares none yet (a placeholder)."""
+    from moe_ep.managers import options
+
+    class_name = OPTIONS.get(resolve_name(name))
+    return None if class_name is None else getattr(options, class_name)
 
 
 def get_manager_class(name: str) -> type[All2AllManager]:

@@ -49,39 +49,12 @@ from moe_ep.managers.contract import (
     EPSpec,
     Layout,
     ManagerUnavailableError,
-    check_option_type,
 )
 from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.options import ShmAll2AllOptions
 from moe_ep.managers.placement import expert_placement
 
 __all__ = ["ShmAll2AllManager", "ShmAll2AllOptions", "ShmHandle", "ShmState"]
-
-_LAYOUTS = ("token", "expert_packed")
-
-
-@dataclass(frozen=True)
-class ShmAll2AllOptions:
-    """Options of `shm`.
-
-    Attributes:
-        layout: "token" (default; rows read in place, one per (token, destination)) or
-            "expert_packed" (rows grouped by local expert).
-        max_tokens_per_rank: capacity of the handle a dispatch without a handle gets (grown
-            to a power of two when a call needs more).
-    """
-
-    layout: str = "token"
-    max_tokens_per_rank: int = 256
-
-    def __post_init__(self) -> None:
-        check_option_type("layout", self.layout, (str,))
-        if self.layout not in _LAYOUTS:
-            raise ValueError(f"option 'layout' must be one of {_LAYOUTS}, got {self.layout!r}")
-        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
-        if self.max_tokens_per_rank < 1:
-            raise ValueError(
-                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
-
 
 class ShmHandle(EPHandle):
     """A layer's shared buffers and per-half routing plans.
@@ -101,8 +74,7 @@ class ShmHandle(EPHandle):
                                     manager.world_size, spec.topk, spec.max_tokens_per_rank)
             for _ in range(2)
         ]
-        self.tokens_per_expert = [torch.zeros(self.num_local, dtype=torch.int64)
-                                  for _ in range(2)]
+        self.counters = [kernels.ExpertCounter(self.num_local) for _ in range(2)]
         self.buffer = None
         if manager.world_size > 1:
             from moe_ep.distributed.shm_exchange import ExchangeGeometry
@@ -172,18 +144,17 @@ class ShmAll2AllManager(All2AllManager):
             if not ok:
                 raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
             return
-        from moe_ep.distributed.group import in_the_same_node_as
         from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
         from moe_ep.distributed.shm_exchange import ShmExchange
 
         # Decided collectively, so that every rank refuses alike instead of leaving its peers
         # in the segment set-up below: ranks on other hosts cannot map a segment made in this
-        # host's /dev/shm, and the native libraries may be missing on one host.
-        apart = [r for r, same in enumerate(in_the_same_node_as(group, 0)) if not same]
-        if apart:
+        # host's /dev/shm (the group decided `same_node` for all its ranks when it was built),
+        # and the native libraries may be missing on one host.
+        if not group.same_node:
             raise ManagerUnavailableError(
-                f"manager 'shm' needs every rank of group {self.group_name!r} on one node; "
-                f"ranks {apart} are not on the node of rank 0")
+                f"manager 'shm' needs every rank of group {self.group_name!r} on one node "
+                "(the group spans several)")
         usable = group.all_gather_object(
             [reason for ok, reason in (ShmCommunicator.available(), kernels.available()) if not ok])
         missing = [f"rank {r}: {'; '.join(why)}" for r, why in enumerate(usable) if why]
@@ -199,6 +170,16 @@ class ShmAll2AllManager(All2AllManager):
 
     def checks_ids_in_python(self, x: object) -> bool:
         return False  # the native planner validates them in the same pass
+
+    def _gather_header(self, call: int, values: list[int]) -> list[list[int]]:
+        # Through the manager's own exchange, not the group: a peer in a dispatch or combine
+        # of this manager then sees the different call at once instead of waiting elsewhere.
+        self._check_usable()  # a broken exchange cannot carry the error: say why here
+        try:
+            return self.exchange.agree(call, values)
+        except Exception as exc:
+            self._transport_failed(exc)
+            raise
 
     def _create_handle(self, spec: EPSpec, index: int) -> ShmHandle:
         return ShmHandle(self, spec, index)
@@ -272,7 +253,7 @@ class ShmAll2AllManager(All2AllManager):
         self._sent = (handle.spec, tuple(planner.send_counts.tolist()))
         return self._result(state, buf.x[half][:received], ids, weights,
                             None if scales is None else scales[:received],
-                            handle.tokens_per_expert[half])
+                            handle.counters[half])
 
     def _dispatch_local(self, call: int, seq: int, handle: ShmHandle, checked: CheckedInputs,
                         planner: kernels.DispatchPlanner) -> DispatchResult:
@@ -285,14 +266,13 @@ class ShmAll2AllManager(All2AllManager):
                          dst_offset=(0,))
         scales = None if checked.x_scales is None else checked.x_scales.index_select(0, rows)
         return self._result(state, checked.x.index_select(0, rows), planner.row_ids[:m].clone(),
-                            planner.row_weights[:m].clone(), scales,
-                            handle.tokens_per_expert[seq & 1])
+                            planner.row_weights[:m].clone(), scales, handle.counters[seq & 1])
 
     def _result(self, state: ShmState, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                scales: torch.Tensor | None, tpe: torch.Tensor) -> DispatchResult:
+                scales: torch.Tensor | None, counter: kernels.ExpertCounter) -> DispatchResult:
         num_local = state.handle.num_local
         if self.layout is Layout.TOKEN:
-            kernels.count_experts(ids, num_local, out=tpe)
+            tpe = counter.count(ids)
             return DispatchResult(Layout.TOKEN, x, scales, ids, weights, tpe, state)
         packed = kernels.packed_layout(ids, weights, num_local)
         state.packed = packed
@@ -367,8 +347,7 @@ class ShmAll2AllManager(All2AllManager):
             out = kernels.segment_sum(out, p.row_order, p.row_offsets, p.row_weight)
             ptrs = [out.data_ptr()]
         y = torch.empty((state.num_tokens, spec.hidden), dtype=spec.combine_dtype)
-        kernels.gather_sum(y, ptrs, planner.send_counts, planner.token_rows[: state.num_tokens])
-        return y
+        return planner.sum_back(y, ptrs, spec.hidden)
 
     # ---- wire accounting -----------------------------------------------------------------
 

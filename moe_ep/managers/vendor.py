@@ -56,17 +56,14 @@ from moe_ep.managers.contract import (
     DispatchResult,
     EPHandle,
     EPSpec,
-    Layout,
     ManagerUnavailableError,
-    check_option_type,
 )
 from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.options import VendorOptions
 
 __all__ = [
-    "VendorBackendPlaceholder",
     "VendorHandle",
     "VendorManager",
-    "VendorOptions",
     "VendorState",
     "contract_model",
     "count_local_ids",
@@ -100,29 +97,6 @@ def _assert_ids_on_device(ids: torch.Tensor, num_experts: int) -> None:
     s = ids.sort(dim=1).values
     torch._assert_async(~((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any(),
                         "the ids of one token must be distinct (pad with -1)")
-
-
-@dataclass(frozen=True)
-class VendorOptions:
-    """Options every vendor backend takes.
-
-    Attributes:
-        exchange: exchange the per-call header (default; see the module docstring). False for
-            CUDA-graph capture: local checks only, and a rank's error leaves its peers waiting
-            in the vendor kernel until its timeout.
-        max_tokens_per_rank: capacity of the handle a dispatch without a handle gets (grown to
-            a power of two when a call needs more; the same on every rank).
-    """
-
-    exchange: bool = True
-    max_tokens_per_rank: int = 256
-
-    def __post_init__(self) -> None:
-        check_option_type("exchange", self.exchange, (bool,))
-        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
-        if self.max_tokens_per_rank < 1:
-            raise ValueError(
-                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
 
 
 class VendorHandle(EPHandle):
@@ -400,27 +374,3 @@ class VendorManager(All2AllManager):
         super().destroy()
         self._handles.clear()
 
-
-class VendorBackendPlaceholder(All2AllManager):
-    """A registered backend whose adapter cannot run in this build.
-
-    No backend of this tree uses it any more; `moe_ep.config` still recognises it (it skips
-    option validation for placeholders), so it stays until that check goes.
-    """
-
-    layout: ClassVar[Layout] = Layout.TOKEN
-    vendor_module: ClassVar[str] = ""
-    install_hint: ClassVar[str] = ""
-
-    @classmethod
-    def availability(cls, topology: Any) -> tuple[bool, str]:
-        return False, "the moe_ep adapter for this backend is not implemented"
-
-    def __init__(self, group: Any, **options: Any) -> None:
-        raise ManagerUnavailableError(f"manager {self.name!r} is unavailable: not implemented")
-
-    def _dispatch(self, call, handle, checked, error):  # pragma: no cover - never built
-        raise ManagerUnavailableError(f"manager {self.name!r} is unavailable")
-
-    def _combine(self, call, state, expert_out, error):  # pragma: no cover - never built
-        raise ManagerUnavailableError(f"manager {self.name!r} is unavailable")
