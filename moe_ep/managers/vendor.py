@@ -120,11 +120,11 @@ class VendorState(CombineState):
 class VendorManager(All2AllManager):
     """Lifecycle, checks and error handling shared by the vendor adapters (module docstring).
 
-    Subclasses set `name`, `layout`, `options_cls` (a `VendorOptions` subclass),
-    `vendor_module` and `install_hint`, and implement `_requirements` (availability and
-    construction reasons), `_check_spec` (the vendor's limits, raised at `get_handle`),
-    `_create_handle`, `_vendor_dispatch`, `_vendor_combine` and, for `one_round` backends,
-    `_drain`.
+    Subclasses set `name`, `layout`, `options_cls` (a `VendorOptions` subclass in
+    `moe_ep.managers.options`), `vendor_module` and `install_hint`, and implement
+    `_requirements` / `_topology_reasons` (availability and construction reasons),
+    `_check_spec` (the vendor's limits, raised at `get_handle`), `_make_handle`,
+    `_vendor_dispatch`, `_vendor_combine` and, for `one_round` backends, `_drain`.
     """
 
     options_cls: ClassVar[type] = VendorOptions
