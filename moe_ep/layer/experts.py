@@ -71,7 +71,7 @@ class ExpertsKernel(Protocol):
 def expert_mlp(
     rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str = "silu"
 ) -> torch.Tensor:
-    """One expert on ``rows [n, H]``: ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (dtype of rows)."""
+    """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype)."""
     gate_up = F.linear(rows, w13)
     inter = w13.shape[0] // 2
     return F.linear(ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:], w2)

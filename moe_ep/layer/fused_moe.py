@@ -1,4 +1,4 @@
-"""FusedMoE: route -> prepare (quantise + dispatch) -> experts -> finalize (combine), on any manager.
+"""FusedMoE: route -> prepare (quantise + dispatch) -> experts -> finalize (combine).
 
 Each EP rank holds only the experts ``expert_placement(E, W)`` assigns to it, in the fused
 layout ``w13 [E_local, 2I, H]`` (gate rows first, then up) and ``w2 [E_local, H, I]``; the
@@ -16,9 +16,9 @@ router (``gate``) and the optional shared experts are replicated. One forward::
 expert kernel plugs in by passing ``experts_kernel=`` without touching the communication (the
 split vLLM users know as prepare / experts / finalize).
 
-Failure modes: every step is collective over ``manager.group``; a bad input on one rank fails
-the call on every rank (none is left waiting in the dispatch). Inference only: ``forward`` runs
-under ``torch.no_grad()``.
+Failure modes: ``prepare`` and ``finalize`` are collective over ``manager.group``; a bad input on
+one rank fails the call on every rank (none is left waiting in the dispatch). Inference only:
+every step runs under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ class FusedMoE(nn.Module):
 
     # ---- the steps -----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [N, H]`` -> ``(router_logits [N, E], topk_weights [N, K] fp32, topk_ids [N, K])``.
 
@@ -220,6 +221,7 @@ class FusedMoE(nn.Module):
         weights, ids = self.routing.route(logits, self.gate.e_score_correction_bias)
         return logits, weights, ids
 
+    @torch.no_grad()
     def prepare(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> DispatchResult:
@@ -239,6 +241,7 @@ class FusedMoE(nn.Module):
             xq, topk_weights, topk_ids, num_experts=self.num_experts, x_scales=scales
         )
 
+    @torch.no_grad()
     def compute_experts(self, result: DispatchResult) -> torch.Tensor:
         """The local experts on ``result``: the expert output ``finalize`` expects. Local."""
         return self.experts_kernel(
@@ -246,6 +249,7 @@ class FusedMoE(nn.Module):
             quant=self.quant,
         )
 
+    @torch.no_grad()
     def finalize(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         """Combine: ``[N, H]`` in the order of the dispatched x, router weights applied.
 
@@ -268,12 +272,14 @@ class FusedMoE(nn.Module):
         y = self.routed(flat)
         return self.add_shared(flat, y).view(x.shape)
 
+    @torch.no_grad()
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """The routed experts alone on ``x [N, H]`` (route, prepare, experts, finalize)."""
         _, weights, ids = self.route(x)
         result = self.prepare(x, weights, ids)
         return self.finalize(self.compute_experts(result), result)
 
+    @torch.no_grad()
     def add_shared(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """``routed + [sigmoid(shared_expert_gate(x)) *] shared_experts(x)``; local."""
         if self.shared_experts is None:

@@ -77,7 +77,7 @@ class DispatchQuant:
 def quantize(
     x: torch.Tensor, *, block_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``x [..., H]`` (floating) to ``(xq [..., H] float8_e4m3fn, scales [..., S] float32)``.
+    """Quantise ``x [..., H]`` to ``(xq [..., H] float8_e4m3fn, scales [..., S] float32)``.
 
     ``block_size`` None gives one scale per row (S = 1), an int one per ``block_size`` channels
     (S = ceil(H / block_size)). Empty inputs give empty outputs.
@@ -103,7 +103,7 @@ def dequantize(
     block_size: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize`: ``xq [..., H] fp8``, ``scales [..., S] float32`` -> ``[..., H]``.
+    """Inverse of :func:`quantize`: ``xq [..., H] fp8``, ``scales [..., S] fp32`` -> ``[..., H]``.
 
     ``block_size`` must be the one ``xq`` was quantised with (S must match it).
     """
