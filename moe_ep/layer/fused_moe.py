@@ -265,19 +265,19 @@ class FusedMoE(nn.Module):
         Collective over the manager's group. A bad ``x`` on one rank fails the call on every
         rank.
         """
+        return self.forward_with_router_logits(x)[0]
+
+    @torch.no_grad()
+    def forward_with_router_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, also returning the router logits ``[prod(x.shape[:-1]), E]``."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             self._abort(ValueError(f"x must be [..., {self.hidden_size}], got {got}"))
         flat = x.reshape(-1, self.hidden_size)
-        y = self.routed(flat)
-        return self.add_shared(flat, y).view(x.shape)
-
-    @torch.no_grad()
-    def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """The routed experts alone on ``x [N, H]`` (route, prepare, experts, finalize)."""
-        _, weights, ids = self.route(x)
-        result = self.prepare(x, weights, ids)
-        return self.finalize(self.compute_experts(result), result)
+        logits, weights, ids = self.route(flat)
+        result = self.prepare(flat, weights, ids)
+        y = self.finalize(self.compute_experts(result), result)
+        return self.add_shared(flat, y).view(x.shape), logits
 
     @torch.no_grad()
     def add_shared(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
