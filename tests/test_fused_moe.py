@@ -304,6 +304,7 @@ def _bad_constructor_arguments(info):
             dict(n_group=4, topk_group=1),  # 6 experts do not split into 4 groups
             dict(shared_expert_gate=nn.Linear(H, 1)),
             dict(intermediate_size=0),
+            dict(gate=nn.Linear(H, 6, bias=False), correction_bias=True),
         ):
             args = dict(num_experts=6, top_k=2, hidden_size=H, intermediate_size=I)
             args.update(kwargs)
@@ -323,9 +324,10 @@ def _bad_constructor_arguments(info):
 
 def test_bad_constructor_arguments_name_the_argument(dist_pool):
     (messages,) = dist_pool(1).run(_bad_constructor_arguments, timeout=60)
-    assert len(messages) == 6
+    assert len(messages) == 7
     for message, word in zip(messages, ("top_k", "activation", "n_group", "shared_expert_gate",
-                                        "intermediate_size", "w13")):
+                                        "intermediate_size", "e_score_correction_bias",
+                                        "w13")):
         assert word in message, (word, message)
 
 

@@ -99,6 +99,11 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _router_logits(model, ids):
+    with torch.no_grad():
+        return model(ids, output_router_logits=True).router_logits
+
+
 def _param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -120,6 +125,7 @@ def _expert_parallel_matches(info):
         model = _tiny_model(name)
         ids = _input_ids(info.rank)
         want = _logits(model, ids)
+        want_router = _router_logits(model, ids)
         full = _param_count(model)
         mgr = build_manager(MANAGER_OF[name], groups.ep)
         try:
@@ -134,6 +140,10 @@ def _expert_parallel_matches(info):
                                                           info.rank)
             got = _logits(model, ids)
             torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL, msg=name)
+            # The kept router modules still feed output_router_logits (one entry per MoE layer).
+            got_router = _router_logits(model, ids)
+            assert len(got_router) == len(want_router) == layers
+            torch.testing.assert_close(got_router, want_router, atol=ATOL, rtol=ATOL)
             # The experts matter: without them the logits move far beyond the tolerance.
             for b in blocks:
                 b.w2.data.zero_()

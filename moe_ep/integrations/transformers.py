@@ -22,6 +22,10 @@ tensor is read with a sliced read (``safe_open(...).get_slice(name)[first:last]`
 per-expert checkpoint (the format ``save_pretrained`` writes by default and the Hub models
 use) by opening only the local experts' tensors. No rank ever holds all experts.
 
+The block's router module is kept (replicated, as small as ``[E, H]``): the logits are the
+original's, and transformers' ``output_router_logits`` recording still works; the routing from
+those logits is :func:`moe_ep.layer.route`'s.
+
 Supported (``SUPPORTED``), matched by ``config.model_type`` and then by the block's class
 name (the same in transformers 4.x and 5.x):
 
@@ -33,12 +37,11 @@ qwen2_moe     Qwen2MoeSparseMoeBlock    softmax top-k, ``norm_topk_prob``; sigmo
                                         expert
 qwen3_moe     Qwen3MoeSparseMoeBlock    softmax top-k, ``norm_topk_prob``
 deepseek_v3   DeepseekV3MoE             sigmoid, bias-corrected grouped top-k, scaling, shared
-                                        experts; fp32 router (dense first layers stay dense)
+                                        experts (the dense first layers stay dense)
 ============  ========================  ==========================================================
 
 Anything else raises :class:`UnsupportedModelError` naming the model's MoE block class and the
-supported ones. Limitations: inference only (no gradients through dispatch); router logits
-are not recorded for ``output_router_logits`` (the training auxiliary loss); quantised
+supported ones. Limitations: inference only (no gradients through dispatch); quantised
 checkpoints (e.g. DeepSeek-V3's FP8 weights) are not dequantised.
 
 transformers and safetensors are imported lazily (the ``hf`` extra); this module imports
@@ -145,7 +148,7 @@ SUPPORTED: Mapping[str, _Architecture] = {
         {"scoring": "sigmoid", "renormalize": _FromConfig("norm_topk_prob"),
          "n_group": _FromConfig("n_group"), "topk_group": _FromConfig("topk_group"),
          "routed_scaling_factor": _FromConfig("routed_scaling_factor"),
-         "correction_bias": True, "router_dtype": torch.float32},
+         "correction_bias": True},
         _QWEN_MLP, shared="shared_experts", legacy_tuple=False,
     ),
 }
@@ -176,9 +179,9 @@ class ExpertParallelMoE(FusedMoE):
 
     Takes the block's ``hidden_states [batch, seq, hidden]`` and returns the same shape, or
     ``(hidden_states, router_logits [batch * seq, E])`` when ``returns_router_logits`` (the
-    4.x blocks). Parameter names: ``gate.weight``, ``gate.e_score_correction_bias``
-    (DeepSeek-V3), ``w13`` / ``w2`` (this rank's experts), ``shared_experts.*``,
-    ``shared_expert_gate.weight``.
+    4.x blocks). ``gate`` is the original block's router module; parameter names:
+    ``gate.weight``, ``gate.e_score_correction_bias`` (DeepSeek-V3), ``w13`` / ``w2`` (this
+    rank's experts), ``shared_experts.*``, ``shared_expert_gate.weight``.
     """
 
     def __init__(self, *args: Any, returns_router_logits: bool = False, **kwargs: Any) -> None:
@@ -260,6 +263,9 @@ def _convert_block(
     options = _layer_options(arch, config)
     ep = ExpertParallelMoE(
         manager=manager,
+        # The block's own router module: same logits, and transformers' output hooks (which
+        # record router logits by router class) still find it.
+        gate=block.gate,
         shared_experts=getattr(block, arch.shared) if arch.shared else None,
         shared_expert_gate=getattr(block, arch.shared_gate) if arch.shared_gate else None,
         returns_router_logits=per_expert and arch.legacy_tuple,
@@ -270,9 +276,6 @@ def _convert_block(
     )
     if probe.device.type == "meta":
         return ep  # weights come from a checkpoint (from_pretrained)
-    ep.gate.weight.copy_(block.gate.weight)
-    if ep.gate.e_score_correction_bias is not None:
-        ep.gate.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
     inter = ep.intermediate_size
     for j, e in enumerate(ep.local_experts):
         if per_expert:
@@ -472,7 +475,11 @@ def _checkpoint_key(model_key: str, blocks: Mapping[str, _Architecture]) -> str:
 
 def _load_checkpoint(model: nn.Module, directory: Path, arch: _Architecture,
                      device: torch.device) -> LoadReport:
-    """Fill every meta parameter / buffer of ``model`` from ``directory``; collective-free."""
+    """Fill ``model``'s meta parameters and its persistent buffers from ``directory``.
+
+    Local (no communication). Raises KeyError listing the tensors still on meta that the
+    checkpoint lacks, ValueError on a shape mismatch.
+    """
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
     formats = set()
     local_expert_bytes = 0
@@ -493,15 +500,20 @@ def _load_checkpoint(model: nn.Module, directory: Path, arch: _Architecture,
                 local_expert_bytes += value.numel() * value.element_size()
         ep_blocks = dict.fromkeys(blocks, arch)
         missing = []
-        slots = []  # (module, attribute, is_parameter, meta tensor, model key)
+        # Every parameter (all on meta) and every persistent buffer: those computed at
+        # construction (real) are still overwritten by the checkpoint's value when it has one
+        # (DeepSeek-V3's e_score_correction_bias), as transformers' loader does.
+        slots = []  # (module, attribute, is_parameter, tensor, model key)
         for mod_name, module in model.named_modules(remove_duplicate=False):
             for is_param, table in ((True, module._parameters), (False, module._buffers)):
                 for attr, t in table.items():
-                    if t is None or t.device.type != "meta":
+                    if t is None:
                         continue
                     if not is_param and attr in module._non_persistent_buffers_set:
-                        raise ValueError(f"non-persistent buffer {mod_name}.{attr} is on the "
-                                         "meta device and is not in checkpoints")
+                        if t.device.type == "meta":
+                            raise ValueError(f"non-persistent buffer {mod_name}.{attr} is on "
+                                             "the meta device and is not in checkpoints")
+                        continue
                     key = f"{mod_name}.{attr}" if mod_name else attr
                     slots.append((module, attr, is_param, t, key))
         for _, _, _, t, key in slots:
@@ -513,7 +525,8 @@ def _load_checkpoint(model: nn.Module, directory: Path, arch: _Architecture,
         for module, attr, is_param, t, key in slots:
             value = loaded.get(id(t))
             if value is None:
-                missing.append(key)
+                if t.device.type == "meta":
+                    missing.append(key)
                 continue
             if tuple(value.shape) != tuple(t.shape):
                 raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)}, model "

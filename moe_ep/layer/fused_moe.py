@@ -4,12 +4,11 @@ Each EP rank holds only the experts ``expert_placement(E, W)`` assigns to it, in
 layout ``w13 [E_local, 2I, H]`` (gate rows first, then up) and ``w2 [E_local, H, I]``; the
 router (``gate``) and the optional shared experts are replicated. One forward::
 
-    logits = gate(x)                               # [N, E]
-    topk_weights, topk_ids = routing.route(logits)  # moe_ep.layer.router (pure)
+    logits, topk_weights, topk_ids = layer.route(x)     # gate, then moe_ep.layer.router (pure)
     result = layer.prepare(x, topk_weights, topk_ids)   # quantise (FP8 option) + dispatch
     expert_out = layer.compute_experts(result)          # the swappable kernel, per layout
     y = layer.finalize(expert_out, result)              # combine
-    y = y + [sigmoid(shared_expert_gate(x)) *] shared_experts(x)
+    y = layer.add_shared(x, y)    # + [sigmoid(shared_expert_gate(x)) *] shared_experts(x)
 
 ``prepare`` and ``finalize`` are the only steps that communicate; ``compute_experts`` calls
 ``layer.experts_kernel`` (default :func:`moe_ep.layer.experts.fused_experts`), so a different
@@ -24,6 +23,7 @@ every step runs under ``torch.no_grad()``.
 from __future__ import annotations
 
 import logging
+
 import torch
 from torch import nn
 
@@ -82,9 +82,14 @@ class FusedMoE(nn.Module):
         manager: an :class:`~moe_ep.managers.All2AllManager` built on the expert-parallel group.
         scoring, renormalize, n_group, topk_group, routed_scaling_factor: routing options, see
             :func:`moe_ep.layer.router.route`.
-        correction_bias: give the router an ``e_score_correction_bias`` buffer (DeepSeek-V3).
-        router_dtype: dtype of the router weight and logits; None = ``dtype`` (DeepSeek-V3
+        correction_bias: route with the router's ``e_score_correction_bias`` ``[E]`` (DeepSeek-V3;
+            a new :class:`Router` gets that buffer).
+        router_dtype: dtype of a new router's weight and logits; None = ``dtype`` (DeepSeek-V3
             keeps its router in float32).
+        gate: an existing router module to use instead of a new :class:`Router`: ``gate(x [N,
+            H])`` returns the logits ``[N, E]``, or a tuple whose first element they are (the
+            routers of transformers 5.x, kept so that their output hooks still fire); with
+            ``correction_bias`` it must have an ``e_score_correction_bias`` tensor.
         activation: the experts' activation, a key of :data:`moe_ep.layer.experts.ACTIVATIONS`.
         shared_experts: optional module ``[N, H] -> [N, H]`` run on every token (replicated).
         shared_expert_gate: optional module ``[N, H] -> [N, 1]``; the shared output is scaled
@@ -99,7 +104,7 @@ class FusedMoE(nn.Module):
             layer without memory (for loading a checkpoint afterwards).
 
     Parameters (this rank's share):
-        gate: a :class:`Router` (``gate.weight [E, H]``, replicated).
+        gate: a :class:`Router` (``gate.weight [E, H]``, replicated), or the given module.
         w13: ``[E_local, 2I, H]``; w2: ``[E_local, H, I]``.
     """
 
@@ -119,6 +124,7 @@ class FusedMoE(nn.Module):
         correction_bias: bool = False,
         router_dtype: torch.dtype | None = None,
         activation: str = "silu",
+        gate: nn.Module | None = None,
         shared_experts: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
         quant: DispatchQuant | None = None,
@@ -156,14 +162,25 @@ class FusedMoE(nn.Module):
         self.local_experts = self.placement.local_range(manager.rank)
         device = manager.group.device if device is None else device
         n, h, i = len(self.local_experts), hidden_size, intermediate_size
-        self.gate = Router(num_experts, h, correction_bias=correction_bias,
-                           dtype=router_dtype or dtype, device=device)
+        self.correction_bias = correction_bias
+        own_router = gate is None
+        if own_router:
+            gate = Router(num_experts, h, correction_bias=correction_bias,
+                          dtype=router_dtype or dtype, device=device)
+        elif not isinstance(gate, nn.Module):
+            raise TypeError(f"gate must be an nn.Module or None, got {type(gate).__name__}")
+        elif correction_bias and not isinstance(
+            getattr(gate, "e_score_correction_bias", None), torch.Tensor
+        ):
+            raise ValueError("correction_bias=True needs a gate with an e_score_correction_bias "
+                             f"tensor; {type(gate).__name__} has none")
+        self.gate = gate
         self.w13 = nn.Parameter(torch.empty(n, 2 * i, h, dtype=dtype, device=device))
         self.w2 = nn.Parameter(torch.empty(n, h, i, dtype=dtype, device=device))
         self.shared_experts = shared_experts
         self.shared_expert_gate = shared_expert_gate
         if torch.device(device).type != "meta":
-            for p in (self.gate.weight, self.w13, self.w2):
+            for p in [self.w13, self.w2] + ([self.gate.weight] if own_router else []):
                 nn.init.normal_(p, std=h**-0.5)
 
     @property
@@ -200,7 +217,7 @@ class FusedMoE(nn.Module):
         self.gate.weight.copy_(gate)
         self.w13.copy_(w13[mine])
         self.w2.copy_(w2[mine])
-        bias = self.gate.e_score_correction_bias
+        bias = self._correction_bias()
         if (e_score_correction_bias is None) != (bias is None):
             raise ValueError(
                 "e_score_correction_bias must be given exactly when the layer was built with "
@@ -217,9 +234,13 @@ class FusedMoE(nn.Module):
 
         Local; no communication.
         """
-        logits = self.gate(x)
-        weights, ids = self.routing.route(logits, self.gate.e_score_correction_bias)
+        out = self.gate(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        weights, ids = self.routing.route(logits, self._correction_bias())
         return logits, weights, ids
+
+    def _correction_bias(self) -> torch.Tensor | None:
+        return self.gate.e_score_correction_bias if self.correction_bias else None
 
     @torch.no_grad()
     def prepare(
