@@ -14,6 +14,7 @@ no transformers.
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -127,6 +128,10 @@ def _expert_parallel_matches(info):
         want = _logits(model, ids)
         want_router = _router_logits(model, ids)
         full = _param_count(model)
+        # One original block, to compare block outputs where a rank has no tokens at all
+        # (transformers' attention cannot run an empty batch, the MoE block must).
+        block_name, original = next((n, copy.deepcopy(m)) for n, m in model.named_modules()
+                                    if n.endswith("mlp") and hasattr(m, "experts"))
         mgr = build_manager(MANAGER_OF[name], groups.ep)
         try:
             assert expert_parallel(model, groups.ep, manager=mgr) is model
@@ -144,6 +149,12 @@ def _expert_parallel_matches(info):
             got_router = _router_logits(model, ids)
             assert len(got_router) == len(want_router) == layers
             torch.testing.assert_close(got_router, want_router, atol=ATOL, rtol=ATOL)
+            h = 0 if info.rank == 1 else 3
+            hidden = torch.randn(h, 4, model.config.hidden_size,
+                                 generator=torch.Generator().manual_seed(info.rank))
+            with torch.no_grad():
+                torch.testing.assert_close(model.get_submodule(block_name)(hidden),
+                                           original(hidden), atol=ATOL, rtol=ATOL)
             # The experts matter: without them the logits move far beyond the tolerance.
             for b in blocks:
                 b.w2.data.zero_()

@@ -150,7 +150,7 @@ class FusedMoE(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.routing = RoutingConfig(num_experts, top_k, scoring, renormalize, n_group,
-                                   topk_group, float(routed_scaling_factor))
+                                     topk_group, float(routed_scaling_factor))
         self.num_experts, self.top_k = num_experts, top_k
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.activation = activation
