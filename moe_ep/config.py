@@ -276,7 +276,7 @@ def _registry_names() -> tuple[tuple[str, ...], dict[str, str]]:
 def _implemented_manager_class(name: str):
     """The registered manager class of `name`, or None for a placeholder or import failure."""
     from moe_ep.managers import registry
-    from moe_ep.managers.base import VendorBackendPlaceholder
+    from moe_ep.managers.vendor import VendorBackendPlaceholder
 
     try:
         cls = registry.get_manager_class(name)

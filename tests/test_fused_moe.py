@@ -154,15 +154,17 @@ def _portable_managers():
     avail = available_managers(Topology(world_size=2))
     names = sorted(n for n, (ok, _) in avail.items() if ok)
     assert {"naive", "allgather_reducescatter", "alltoallv", "shm"} <= set(names)
-    return [(n, {}) for n in names]
+    # shm serves both layouts: TOKEN (default) and EXPERT_PACKED.
+    return [(n, {}) for n in names] + [("shm", {"layout": "expert_packed"})]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_fused_moe_matches_dense_reference(dist_pool, world_size):
     managers = _portable_managers()
     results = dist_pool(world_size).run(_layer_matches_dense, managers, timeout=300)
-    layouts = {layout for rank in results for _, layout, _, _ in rank}
-    assert {Layout.TOKEN.value, Layout.EXPERT_PACKED.value} <= layouts
+    layouts = {(m, layout) for rank in results for m, layout, _, _ in rank}
+    assert {("shm", Layout.TOKEN.value), ("shm", Layout.EXPERT_PACKED.value),
+            ("alltoallv", Layout.EXPERT_PACKED.value), ("naive", Layout.TOKEN.value)} <= layouts
     for checked in results:
         assert len(checked) == len(managers) * len(SCENARIOS) * 2
 

@@ -137,43 +137,41 @@ def test_factory_may_use_the_cache_reentrantly():
 
 
 def _manager_handles(info) -> tuple:
-    """A manager subclass with per-shape buffers: get_handle caches, destroy() frees them."""
+    """A manager subclass with per-spec buffers: get_handle caches by spec, destroy() frees."""
     from moe_ep.distributed import GroupCoordinator
+    from moe_ep.managers import EPHandle, EPSpec
     from moe_ep.managers.agrs import AgRsAll2AllManager
 
+    released = []
+
     class Buffered(AgRsAll2AllManager):
-        def _create_handle(self, **kwargs):
-            return _Buffer(**kwargs)
+        def _create_handle(self, spec, index):
+            class Owned(EPHandle):
+                def _release(self):
+                    released.append(self.spec.hidden)
+
+            return Owned(self, spec, index)
 
     group = GroupCoordinator([list(range(info.world_size))], "ep")
     try:
         mgr = Buffered(group)
-        a = mgr.get_handle(hidden=16, dtype=torch.bfloat16)
-        same = mgr.get_handle(dtype=torch.bfloat16, hidden=16) is a
-        b = mgr.get_handle(hidden=32, dtype=torch.bfloat16)
-        before = (a.destroyed, b.destroyed)
+        a = mgr.get_handle(EPSpec(hidden=16, num_experts=4, topk=2))
+        same = mgr.get_handle(EPSpec(hidden=16, num_experts=4, topk=2)) is a
+        b = mgr.get_handle(EPSpec(hidden=32, num_experts=4, topk=2))
+        before = (a.destroyed, b.destroyed, list(released))
         mgr.destroy()
-        after = (a.destroyed, b.destroyed)
+        after = (a.destroyed, b.destroyed, sorted(released))
         try:
-            mgr.get_handle(hidden=16, dtype=torch.bfloat16)
+            mgr.get_handle(EPSpec(hidden=16, num_experts=4, topk=2))
         except RuntimeError as exc:
             refused = "destroyed" in str(exc)
         else:
             refused = False
-        # Portable managers keep no buffers: get_handle says so.
-        plain = AgRsAll2AllManager(group)
-        try:
-            plain.get_handle(hidden=16)
-        except NotImplementedError as exc:
-            no_handles = "keeps no per-shape buffers" in str(exc)
-        else:
-            no_handles = False
-        plain.destroy()
     finally:
         group.destroy()
-    return same, a is not b, before, after, refused, no_handles
+    return same, a is not b, (a.index, b.index), before, after, refused
 
 
 def test_manager_destroy_clears_its_cache(dist_pool):
     [result] = dist_pool(1).run(_manager_handles, timeout=60)
-    assert result == (True, True, (0, 0), (1, 1), True, True)
+    assert result == (True, True, (0, 1), (False, False, []), (True, True, [16, 32]), True)

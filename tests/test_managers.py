@@ -1,9 +1,11 @@
-"""The dispatch / combine contract for the portable managers (naive, agrs, alltoallv).
+"""The dispatch / combine contract for every portable manager (naive, agrs, alltoallv, shm).
 
-Every rank builds every rank's input from a seed, so the expected outputs (reference MoE,
-routing counts, received rows, wire bytes) are computed independently on each rank from the
-global data, with plain torch and Python loops that share no code with the managers.
-Many cases run inside one distributed call per world size (spawning ranks is slow on 2 cores).
+Scenario builders and the independent references live in `moe_ep.testing.scenarios`: every
+rank builds every rank's input from a seed, so the expected outputs (reference MoE, routing
+counts, received rows) are computed on each rank from the global data with plain torch and
+Python loops that share no code with the managers. Each contract case runs through a handle
+(`get_handle(EPSpec(...))`) and through the call without one. Many cases run inside one
+distributed call per world size (spawning ranks is slow on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from moe_ep.distributed import GroupCoordinator
 from moe_ep.managers import (
     DispatchResult,
+    EPSpec,
     Layout,
     RemoteInputError,
     apply_experts,
@@ -23,188 +26,99 @@ from moe_ep.managers import (
     expert_placement,
 )
 from moe_ep.testing.reference import make_linear_experts, reference_moe
-
-MANAGERS = (
-    ("naive", {}),
-    ("allgather_reducescatter", {}),
-    ("alltoallv", {}),
-    ("alltoallv", {"dedup": False}),
+from moe_ep.testing.scenarios import (
+    ATOL,
+    CONSISTENCY_ERRORS,
+    LOCAL_ERRORS,
+    PORTABLE_MANAGERS,
+    assert_contract,
+    bad_case,
+    contract_cases,
+    decodable_inputs,
+    placement_ranges,
+    tokens_per_rank,
 )
+
 NUM_EXPERTS = (4, 8, 10)
 TOPK = (1, 2, 6)
 DTYPES = (torch.float32, torch.bfloat16)
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 HIDDEN = 32
-
-
-# ------------------------------------------------------------------------------ global data
-
-
-def _placement(num_experts: int, world: int) -> list[range]:
-    """Contiguous placement written out independently of moe_ep: first E % W ranks get +1."""
-    out, start = [], 0
-    for r in range(world):
-        n = num_experts // world + (1 if r < num_experts % world else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
-def _tokens_per_rank(world: int, case: int) -> list[int]:
-    """Differing counts; one rank (rotating with the case) has none. W=1 alternates 0 / n."""
-    if world == 1:
-        return [0 if case % 2 == 0 else 5 + case % 4]
-    zero = case % world
-    return [0 if r == zero else 1 + (3 * r + case) % 6 for r in range(world)]
-
-
-def _routing(n: int, num_experts: int, topk: int, gen: torch.Generator):
-    """ids [n, topk] distinct per token, ~20% -1 (always -1 beyond E); garbage weights at -1."""
-    real = min(topk, num_experts)
-    ids = torch.full((n, topk), -1, dtype=torch.int64)
-    if n:
-        ids[:, :real] = torch.rand(n, num_experts, generator=gen).argsort(dim=1)[:, :real]
-        ids[torch.rand(n, topk, generator=gen) < 0.2] = -1
-        ids = ids.gather(1, torch.rand(n, topk, generator=gen).argsort(dim=1))
-    weights = torch.rand(n, topk, generator=gen)
-    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-6)
-    weights[ids < 0] = 7.0  # must be ignored
-    return weights, ids
-
-
-def _global_inputs(seed: int, counts: list[int], num_experts: int, topk: int, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    xs, ws, ids = [], [], []
-    for n in counts:
-        xs.append((torch.randn(n, HIDDEN, generator=gen) * 0.25).to(dtype))
-        w, i = _routing(n, num_experts, topk, gen)
-        ws.append(w)
-        ids.append(i.to(torch.int32 if len(ids) % 2 else torch.int64))
-    return xs, ws, ids
+GATHER_ALL = ("naive", "allgather_reducescatter")
 
 
 def _group(info, use_shm: bool = True) -> GroupCoordinator:
     return GroupCoordinator([list(range(info.world_size))], "ep", use_shm=use_shm)
 
 
-# ------------------------------------------------------------------------- contract worker
-
-
-def _contract(info, managers, num_experts_list, topk_list, dtypes, use_shm) -> list[tuple]:
-    """Every case: dispatch -> apply_experts(linear) -> combine vs reference_moe on global data."""
+def _contract(info, managers, num_experts, topk, dtypes, use_shm, use_handles):
     group = _group(info, use_shm)
-    r, world = info.rank, info.world_size
-    rows = []
     try:
-        for m, (name, options) in enumerate(managers):
-            mgr = build_manager(name, group, **options)
-            cases = itertools.product(num_experts_list, topk_list, dtypes)
-            for c, (num_experts, topk, dtype) in enumerate(cases):
-                seed = 1000 * m + c
-                counts = _tokens_per_rank(world, c)
-                xs, ws, ids = _global_inputs(seed, counts, num_experts, topk, dtype)
-                experts = make_linear_experts(num_experts, HIDDEN, seed=seed)
-                first = _placement(num_experts, world)[r].start
-                res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=num_experts)
-                out = apply_experts(res, lambda e, rows_, f=first, ex=experts: ex[f + e](rows_))
-                y = mgr.combine(out, res)
-                ref_all = reference_moe(torch.cat(xs), torch.cat(ws), torch.cat(ids), experts)
-                start = sum(counts[:r])
-                ref = ref_all[start : start + counts[r]]
-                err = (y.float() - ref.float()).abs().max().item() if y.numel() else 0.0
-                scale = ref_all.float().abs().max().item() if ref_all.numel() else 0.0
-                rows.append(
-                    (
-                        f"{name}{options} E={num_experts} K={topk} {dtype} counts={counts}",
-                        tuple(y.shape) == tuple(xs[r].shape) and y.dtype == dtype,
-                        err,
-                        ATOL[dtype],
-                        scale,
-                    )
-                )
-            mgr.destroy()
+        return contract_cases(group, managers, num_experts, topk, dtypes, hidden=HIDDEN,
+                              use_handles=use_handles)
     finally:
         group.destroy()
-    return rows
 
 
-def _assert_contract(results: list[list[tuple]]) -> None:
-    scales = []
-    for rank, rows in enumerate(results):
-        for what, shape_ok, err, atol, scale in rows:
-            assert shape_ok, f"rank {rank}: {what}: wrong output shape or dtype"
-            assert err <= atol, f"rank {rank}: {what}: max error {err:.3g} > {atol}"
-            scales.append(scale)
-    # The comparison is not vacuous: the reference outputs are far from zero.
-    assert max(scales) > 0.1
-
-
+@pytest.mark.parametrize("use_handles", [False, True], ids=["no-handle", "handle"])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_contract_matches_reference(dist_pool, world):
+def test_contract_matches_reference(dist_pool, world, use_handles):
     results = dist_pool(world).run(
-        _contract, MANAGERS, NUM_EXPERTS, TOPK, DTYPES, True, timeout=240
+        _contract, PORTABLE_MANAGERS, NUM_EXPERTS, TOPK, DTYPES, True, use_handles, timeout=300
     )
-    assert len(results[0]) == len(MANAGERS) * len(NUM_EXPERTS) * len(TOPK) * len(DTYPES)
-    _assert_contract(results)
+    want = len(PORTABLE_MANAGERS) * len(NUM_EXPERTS) * len(TOPK) * len(DTYPES)
+    assert len(results[0]) == want
+    assert_contract(results)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_contract_over_plain_gloo(dist_pool, world):
-    """The same contract when the group's collectives go through gloo (no shared memory)."""
-    results = dist_pool(world).run(_contract, MANAGERS, (10,), (2, 6), DTYPES, False, timeout=120)
-    _assert_contract(results)
+    """The same contract when the group's collectives go through gloo (the shm manager still
+    exchanges through its own segments)."""
+    results = dist_pool(world).run(_contract, PORTABLE_MANAGERS, (10,), (2, 6), DTYPES, False,
+                                   True, timeout=180)
+    assert_contract(results)
 
 
 # ------------------------------------------------------------------------ decodable worker
-
-
-def _decodable_inputs(counts: list[int], num_experts: int, topk: int, seed: int, dtype):
-    """x[s] = s everywhere except the last column = token index; routing from the seed."""
-    gen = torch.Generator().manual_seed(seed)
-    xs, ws, ids = [], [], []
-    for s, n in enumerate(counts):
-        x = torch.full((n, 8), float(s))
-        x[:, -1] = torch.arange(n, dtype=torch.float32)
-        xs.append(x.to(dtype))
-        w, i = _routing(n, num_experts, topk, gen)
-        ws.append(w)
-        ids.append(i)
-    return xs, ws, ids
 
 
 def _expected_bytes(name, options, r, counts, ids, num_experts, topk, hidden, elem):
     """Bytes rank r sends in dispatch and combine, by counting routes in Python."""
     world = len(counts)
     owner = {}
-    for q, experts in enumerate(_placement(num_experts, world)):
+    for q, experts in enumerate(placement_ranges(num_experts, world)):
         for e in experts:
             owner[e] = q
     row = hidden * elem
     if world == 1:
         return 0, 0
+    sent_rows = recv_rows = 0
+    dedup = options.get("dedup", True)
+    for s, ids_s in enumerate(ids):
+        for token in ids_s.tolist():
+            dests = [owner[e] for e in token if e >= 0]
+            if s == r:
+                remote = [d for d in dests if d != r]
+                sent_rows += len(set(remote)) if dedup else len(remote)
+            elif r in dests:
+                recv_rows += 1 if dedup else dests.count(r)
+    if name == "shm":
+        # One control header (seq, error, tokens, counts[W]) and one error word, each read by
+        # W-1 peers; rows carry int64 ids and float32 weights.
+        header = (world - 1) * 8 * (3 + world)
+        return header + sent_rows * (row + 12 * topk), (world - 1) * 8 + recv_rows * row
+    # Every dispatch and combine of the group managers all-gathers an int64 header.
+    header = (world - 1) * 8 * (13 + world)
+    meta = 8 * topk  # int32 ids + float32 weights per row
     if name == "alltoallv":
-        header = (world - 1) * 4 * (6 + 2 * world)
-        dedup = options.get("dedup", True)
-        sent_rows = sent_pairs = recv_rows = 0
-        for s, ids_s in enumerate(ids):
-            for token in ids_s.tolist():
-                dests = [owner[e] for e in token if e >= 0]
-                if s == r:
-                    remote = [d for d in dests if d != r]
-                    sent_pairs += len(remote)
-                    sent_rows += len(set(remote)) if dedup else len(remote)
-                elif r in dests:
-                    recv_rows += 1 if dedup else dests.count(r)
-        return header + sent_rows * row + 8 * sent_pairs, recv_rows * row
-    header = (world - 1) * 4 * 6
-    meta = 8 * topk
+        return header + sent_rows * (row + meta), header + recv_rows * row
     if name == "allgather_reducescatter":
         dispatch = header + (world - 1) * counts[r] * (row + meta)
-        combine = sum(n for q, n in enumerate(counts) if q != r) * row
+        combine = header + sum(n for q, n in enumerate(counts) if q != r) * row
         return dispatch, combine
     if name == "naive":
         dispatch = header + (world - 1) * counts[r] * (row + meta)
-        combine = 2 * (world - 1) * sum(counts) * row // world
+        combine = header + 2 * (world - 1) * sum(counts) * row // world
         return dispatch, combine
     raise AssertionError(name)
 
@@ -215,14 +129,14 @@ def _decodable(info) -> list[tuple]:
     r, world = info.rank, info.world_size
     report = []
     try:
-        for name, options in MANAGERS:
+        for name, options in PORTABLE_MANAGERS:
             mgr = build_manager(name, group, **options)
             for c, (num_experts, topk, dtype) in enumerate(
                 itertools.product((4, 10), (2, 6), (torch.float32, torch.bfloat16))
             ):
-                counts = _tokens_per_rank(world, c)
-                xs, ws, ids = _decodable_inputs(counts, num_experts, topk, 77 + c, dtype)
-                mine = _placement(num_experts, world)[r]
+                counts = tokens_per_rank(world, c)
+                xs, ws, ids = decodable_inputs(counts, num_experts, topk, 77 + c, dtype)
+                mine = placement_ranges(num_experts, world)[r]
                 res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=num_experts)
                 what = f"{name}{options} E={num_experts} K={topk} {dtype} counts={counts}"
                 assert isinstance(res, DispatchResult) and res.layout is mgr.layout, what
@@ -240,16 +154,20 @@ def _decodable(info) -> list[tuple]:
 
                 decoded = res.x.float()
                 if res.layout is Layout.TOKEN:
-                    senders = [s for s in range(world) for _ in range(counts[s])]
-                    tokens = [t for s in range(world) for t in range(counts[s])]
-                    assert decoded[:, :-1].tolist() == [[float(s)] * 7 for s in senders], what
-                    assert decoded[:, -1].tolist() == [float(t) for t in tokens], what
+                    # Gather-all: every token of every rank; shm: the tokens with an expert
+                    # here, in (source, token) order.
+                    rows = [
+                        (s, t) for s in range(world) for t in range(counts[s])
+                        if name in GATHER_ALL or any(e in mine for e in ids[s][t].tolist())
+                    ]
+                    assert decoded[:, :-1].tolist() == [[float(s)] * 7 for s, _ in rows], what
+                    assert decoded[:, -1].tolist() == [float(t) for _, t in rows], what
                     got = sorted(
-                        (senders[j], tokens[j], le, w)
-                        for j in range(len(senders))
-                        for le, w in zip(
-                            res.topk_ids[j].tolist(), res.topk_weights[j].tolist(), strict=True
+                        (s, t, le, w)
+                        for (s, t), lids, wts in zip(
+                            rows, res.topk_ids.tolist(), res.topk_weights.tolist(), strict=True
                         )
+                        for le, w in zip(lids, wts, strict=True)
                         if le >= 0
                     )
                     # Slots of other ranks' experts carry id -1 and weight 0.
@@ -260,15 +178,14 @@ def _decodable(info) -> list[tuple]:
                     got = sorted(
                         (int(s), int(t), le, w)
                         for s, t, le, w in zip(
-                            senders,
-                            decoded[:, -1].tolist(),
-                            res.topk_ids.tolist(),
-                            res.topk_weights.tolist(),
-                            strict=True,
+                            senders, decoded[:, -1].tolist(), res.topk_ids.tolist(),
+                            res.topk_weights.tolist(), strict=True,
                         )
                     )
-                    # Rows are grouped by local expert.
-                    assert res.topk_ids.tolist() == sorted(res.topk_ids.tolist()), what
+                    # Rows are grouped by local expert, in (source, token) order within one.
+                    keys = list(zip(res.topk_ids.tolist(), senders, decoded[:, -1].tolist(),
+                                    strict=True))
+                    assert keys == sorted(keys), what
                 assert got == pairs, what
 
                 # Identity experts: combine returns sum of the weights of valid ids times x.
@@ -284,8 +201,7 @@ def _decodable(info) -> list[tuple]:
                 )
                 assert got_bytes == want_bytes, (what, got_bytes, want_bytes)
                 sent = sum(
-                    b.payload + b.metadata
-                    for b in (mgr.last_dispatch_bytes, mgr.last_combine_bytes)
+                    b.payload for b in (mgr.last_dispatch_bytes, mgr.last_combine_bytes)
                 )
                 report.append((name, tuple(options.items()), c, sent))
             mgr.destroy()
@@ -296,11 +212,11 @@ def _decodable(info) -> list[tuple]:
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_decodable_rows_counts_and_bytes(dist_pool, world):
-    results = dist_pool(world).run(_decodable, timeout=180)
+    results = dist_pool(world).run(_decodable, timeout=240)
     if world == 1:
         return
-    # Rows + routing metadata (headers aside), summed over ranks: alltoallv never moves more
-    # than agrs and moves strictly less over all cases; naive moves the most; dedup helps.
+    # Rows summed over ranks: alltoallv never moves more than agrs and moves strictly less
+    # over all cases; naive moves the most; dedup helps; shm moves alltoallv's rows.
     totals: dict[tuple, int] = {}
     for report in results:
         for name, options, case, sent in report:
@@ -311,86 +227,19 @@ def test_decodable_rows_counts_and_bytes(dist_pool, world):
     a2av_nodedup = [totals[("alltoallv", (("dedup", False),), c)] for c in cases]
     agrs = [totals[("allgather_reducescatter", (), c)] for c in cases]
     naive = [totals[("naive", (), c)] for c in cases]
+    shm = [totals[("shm", (), c)] for c in cases]
     assert all(a <= b for a, b in zip(a2av, agrs, strict=True)), (a2av, agrs)
     assert sum(a2av) < sum(agrs), (a2av, agrs)
     assert all(a <= b for a, b in zip(a2av, a2av_nodedup, strict=True))
     assert sum(a2av) < sum(a2av_nodedup)
     assert all(a > b for a, b in zip(naive, agrs, strict=True)), (naive, agrs)
+    assert shm == a2av
 
 
 # --------------------------------------------------------------------------- bad inputs
 
 
-def _bad_case(kind: str, r: int, bad: int, world: int):
-    """(x, weights, ids, num_experts) of rank r for scenario `kind`; rank `bad` misbehaves."""
-    gen = torch.Generator().manual_seed(5 + r)
-    n, num_experts, topk = 3 + r, 8, 2
-    x = torch.randn(n, HIDDEN, generator=gen)
-    w, ids = _routing(n, num_experts, topk, gen)
-    ids[0] = torch.tensor([1, 2])
-    if r != bad or kind == "none":
-        return x, w, ids, num_experts
-    if kind == "id_too_large":
-        ids[1, 0] = num_experts
-    elif kind == "id_below_minus_one":
-        ids[1, 1] = -2
-    elif kind == "float_ids":
-        ids = ids.float()
-    elif kind == "bool_ids":
-        ids = ids > 0
-    elif kind == "weights_shape":
-        w = w[:, :1]
-    elif kind == "rows_mismatch":
-        x = x[:-1]
-    elif kind == "x_1d":
-        x = x[0]
-    elif kind == "int_x":
-        x = x.long()
-    elif kind == "fp8_x":
-        x = x.to(torch.float8_e4m3fn)
-    elif kind == "duplicate_ids":
-        ids[0] = torch.tensor([3, 3])
-    elif kind == "num_experts_not_int":
-        num_experts = 8.0
-    elif kind == "not_a_tensor":
-        w = w.tolist()
-    elif kind == "hidden_differs":
-        x = torch.randn(n, HIDDEN + 1, generator=gen)
-    elif kind == "dtype_differs":
-        x = x.bfloat16()
-    elif kind == "num_experts_differs":
-        num_experts = 9
-    elif kind == "topk_differs":
-        w, ids = _routing(n, num_experts, topk + 1, gen)
-    else:
-        raise AssertionError(kind)
-    return x, w, ids, num_experts
-
-
-# scenario -> (exception on the bad rank, message fragment); None: every rank raises alike.
-LOCAL_ERRORS = {
-    "id_too_large": (ValueError, "topk_ids must be in [-1, num_experts=8)"),
-    "id_below_minus_one": (ValueError, "got -2"),
-    "float_ids": (TypeError, "topk_ids must be an integer tensor"),
-    "bool_ids": (TypeError, "topk_ids must be an integer tensor"),
-    "weights_shape": (ValueError, "topk_weights must have the shape of topk_ids"),
-    "rows_mismatch": (ValueError, "rows but x has"),
-    "x_1d": (ValueError, "x must be [num_tokens, hidden]"),
-    "int_x": (TypeError, "x must have a floating dtype"),
-    "fp8_x": (TypeError, "x dtype torch.float8_e4m3fn is not supported"),
-    "duplicate_ids": (ValueError, "same expert twice"),
-    "num_experts_not_int": (TypeError, "num_experts must be an int"),
-    "not_a_tensor": (TypeError, "topk_weights must be a torch.Tensor"),
-}
-CONSISTENCY_ERRORS = {
-    "hidden_differs": "hidden size (x.shape[1]) differs across ranks",
-    "dtype_differs": "x dtype differs across ranks",
-    "num_experts_differs": "num_experts differs across ranks",
-    "topk_differs": "topk (topk_ids.shape[1]) differs across ranks",
-}
-
-
-def _bad_inputs(info) -> list[tuple]:
+def _bad_inputs(info, managers, use_handles) -> list[tuple]:
     """Each scenario on each manager: record what every rank raised, then prove the group is
     still in step with a valid round trip."""
     group = _group(info)
@@ -399,14 +248,17 @@ def _bad_inputs(info) -> list[tuple]:
     seen = []
     kinds = list(LOCAL_ERRORS) + (list(CONSISTENCY_ERRORS) if world > 1 else [])
     experts = make_linear_experts(8, HIDDEN, seed=3)
-    first = _placement(8, world)[r].start
+    first = placement_ranges(8, world)[r].start
+    spec = EPSpec(hidden=HIDDEN, num_experts=8, topk=2, max_tokens_per_rank=16,
+                  dtype=torch.float32)
     try:
-        for name, options in MANAGERS:
+        for name, options in managers:
             mgr = build_manager(name, group, **options)
+            handle = mgr.get_handle(spec) if use_handles else None
             for kind in kinds:
-                x, w, ids, num_experts = _bad_case(kind, r, bad, world)
+                x, w, ids, num_experts = bad_case(kind, r, bad, world)
                 try:
-                    mgr.dispatch(x, w, ids, num_experts=num_experts)
+                    mgr.dispatch(x, w, ids, handle=handle, num_experts=num_experts)
                 except Exception as exc:  # noqa: BLE001 - recorded, checked in the parent
                     seen.append(
                         (name, kind, type(exc).__name__, str(exc), getattr(exc, "bad_ranks", None))
@@ -414,39 +266,41 @@ def _bad_inputs(info) -> list[tuple]:
                 else:
                     seen.append((name, kind, None, "", None))
                 # Still in step: a valid round trip right after.
-                x, w, ids, num_experts = _bad_case("none", r, bad, world)
-                res = mgr.dispatch(x, w, ids, num_experts=num_experts)
+                x, w, ids, num_experts = bad_case("none", r, bad, world)
+                res = mgr.dispatch(x, w, ids, handle=handle, num_experts=num_experts)
                 y = mgr.combine(apply_experts(res, lambda e, q: experts[first + e](q)), res)
                 assert torch.allclose(y, reference_moe(x, w, ids, experts), atol=1e-5), kind
 
             # Non-contiguous inputs are handled: same result as their contiguous copies.
-            x, w, ids, num_experts = _bad_case("none", r, bad, world)
+            x, w, ids, num_experts = bad_case("none", r, bad, world)
             wide = torch.zeros(x.shape[0], 2 * HIDDEN)
             wide[:, ::2] = x
-            res = mgr.dispatch(
-                wide[:, ::2],
-                w.t().contiguous().t(),
-                ids.t().contiguous().t(),
-                num_experts=num_experts,
-            )
+            res = mgr.dispatch(wide[:, ::2], w.t().contiguous().t(), ids.t().contiguous().t(),
+                               handle=handle, num_experts=num_experts)
             y = mgr.combine(apply_experts(res, lambda e, q: experts[first + e](q)), res)
             assert torch.allclose(y, reference_moe(x, w, ids, experts), atol=1e-5)
 
-            # A wrong expert output shape is rejected locally (all ranks pass a wrong one here).
-            res = mgr.dispatch(x, w, ids, num_experts=num_experts)
+            # A wrong expert output shape fails the combine on every rank (all ranks pass a
+            # wrong one here) and consumes the result: combining it again fails everywhere.
+            res = mgr.dispatch(x, w, ids, handle=handle, num_experts=num_experts)
             try:
                 mgr.combine(res.x[:, :-1], res)
             except ValueError as exc:
                 assert "expert_out must be" in str(exc)
             else:
                 raise AssertionError("combine accepted a wrong expert_out shape")
-            mgr.combine(apply_experts(res, lambda e, q: q), res)
+            try:
+                mgr.combine(apply_experts(res, lambda e, q: q), res)
+            except ValueError as exc:
+                assert "already combined" in str(exc)
+            else:
+                raise AssertionError("a consumed result was combined again")
 
             # Destroyed managers refuse to work; destroy is idempotent.
             mgr.destroy()
             mgr.destroy()
             try:
-                mgr.dispatch(x, w, ids, num_experts=num_experts)
+                mgr.dispatch(x, w, ids, handle=handle, num_experts=num_experts)
             except RuntimeError as exc:
                 assert "destroyed" in str(exc)
             else:
@@ -456,24 +310,38 @@ def _bad_inputs(info) -> list[tuple]:
     return seen
 
 
+# With a handle, a shape that disagrees with the EPSpec is the bad rank's own error.
+SPEC_ERRORS = {
+    "hidden_differs": (ValueError, "(EPSpec.hidden)"),
+    "dtype_differs": (TypeError, "(EPSpec.dtype)"),
+    "num_experts_differs": (ValueError, "disagrees with the handle's EPSpec.num_experts"),
+    "topk_differs": (ValueError, "(EPSpec.topk)"),
+    "x_1d": (ValueError, "x must be [num_tokens, 32] (EPSpec.hidden)"),
+    "int_x": (TypeError, "x must be torch.float32 (EPSpec.dtype)"),
+    "fp8_x": (TypeError, "x must be torch.float32 (EPSpec.dtype)"),
+}
+
+
+@pytest.mark.parametrize("use_handles", [False, True], ids=["no-handle", "handle"])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_bad_inputs_raise_on_every_rank(dist_pool, world):
-    results = dist_pool(world).run(_bad_inputs, timeout=180)
+def test_bad_inputs_raise_on_every_rank(dist_pool, world, use_handles):
+    results = dist_pool(world).run(_bad_inputs, PORTABLE_MANAGERS, use_handles, timeout=300)
     bad = world - 1
     for rank, seen in enumerate(results):
         for name, kind, exc_type, message, bad_ranks in seen:
             where = f"rank {rank}, {name}, {kind}: {exc_type}: {message}"
             assert exc_type is not None, f"{where}: no error raised"
-            if kind in CONSISTENCY_ERRORS:
+            local = dict(LOCAL_ERRORS, **SPEC_ERRORS) if use_handles else LOCAL_ERRORS
+            if kind in CONSISTENCY_ERRORS and not use_handles:
                 assert exc_type == "ValueError" and CONSISTENCY_ERRORS[kind] in message, where
                 assert f"rank {bad}:" in message, where
             elif rank == bad:
-                want_type, fragment = LOCAL_ERRORS[kind]
+                want_type, fragment = local[kind]
                 assert exc_type == want_type.__name__ and fragment in message, where
             else:
                 assert exc_type == RemoteInputError.__name__, where
                 assert bad_ranks == (bad,) and f"rank(s) {bad} passed invalid input" in message
-                assert LOCAL_ERRORS[kind][0].__name__ in message, where
+                assert local[kind][0].__name__ in message, where
 
 
 # --------------------------------------------------------------- gather-all router logits
@@ -482,7 +350,7 @@ def test_bad_inputs_raise_on_every_rank(dist_pool, world):
 def _router_logits(info) -> list[str]:
     group = _group(info)
     r, world = info.rank, info.world_size
-    counts = _tokens_per_rank(world, 1)
+    counts = tokens_per_rank(world, 1)
     gen = torch.Generator().manual_seed(9)
     # Small integers: every partial sum below is exact in bf16, so equality is exact.
     xs = [torch.randint(-8, 8, (n, HIDDEN), generator=gen).bfloat16() for n in counts]
@@ -496,7 +364,7 @@ def _router_logits(info) -> list[str]:
             assert torch.equal(got.router_logits, torch.cat(logits))
             assert got.tokens_per_rank == tuple(counts)
             # Every rank contributes (rank + 1) * x_all; the owner gets the sum back.
-            y = mgr.combine(got.x.float() * (r + 1), got)
+            y = mgr.combine((got.x.float() * (r + 1)).bfloat16(), got)
             factor = world * (world + 1) // 2
             assert torch.equal(y, (xs[r].float() * factor).bfloat16()), name
             try:
@@ -533,7 +401,7 @@ def test_dispatch_router_logits(dist_pool, world):
 )
 def test_expert_placement_contiguous(num_experts, world):
     p = expert_placement(num_experts, world)
-    want = _placement(num_experts, world)
+    want = placement_ranges(num_experts, world)
     assert [p.local_range(r) for r in range(world)] == want
     assert sum(p.counts) == num_experts and p.max_local == max(len(x) for x in want)
     ids = torch.arange(-1, num_experts).unsqueeze(0)
@@ -544,6 +412,8 @@ def test_expert_placement_contiguous(num_experts, world):
         assert p.to_local(ids, q)[0, e + 1].item() == e - want[q].start
         others = [s for s in range(world) if s != q]
         assert all(p.to_local(ids, s)[0, e + 1].item() == -1 for s in others)
+    assert p.owner_cpu.tolist() == owners[1:]
+    assert p.local_index_cpu.tolist() == [e - want[q].start for e, q in enumerate(owners[1:])]
 
 
 def test_expert_placement_rejects_bad_arguments():
@@ -596,6 +466,18 @@ def test_apply_experts_layouts(layout):
     assert torch.allclose(out, want, atol=1e-6)
     empty = [e for e, n in enumerate(result.tokens_per_expert.tolist()) if n == 0]
     assert not set(calls) & set(empty), "an expert with no rows was called"
+
+
+def test_apply_experts_keeps_float64_precision():
+    """fp64 rows are summed in fp64 (a float32 sum would lose these 1e-12 differences)."""
+    x = torch.tensor([[1.0 + 1e-12, 1.0], [3.0, 4.0]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1], [1, -1]])
+    w = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    res = DispatchResult(Layout.TOKEN, x, None, ids, w, torch.tensor([1, 2]), None)
+    out = apply_experts(res, lambda e, rows: rows * (e + 1) / 3)
+    want = torch.stack([0.5 * x[0] / 3 + 0.5 * x[0] * 2 / 3, x[1] * 2 / 3])
+    assert out.dtype == torch.float64
+    assert torch.equal(out, want) or (out - want).abs().max() < 1e-15
 
 
 def test_apply_experts_rejects_bad_expert_output():

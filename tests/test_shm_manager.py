@@ -1,227 +1,201 @@
-"""The ``shm`` manager against the properties the portable managers are held to.
+"""What is particular to the `shm` manager (its contract cases run in tests/test_managers.py).
 
-The contract cases (W in {1, 2, 4}, E in {4, 8, 10}, topk in {1, 2, 6}, uneven tokens with 0 on
-one rank, -1 ids, fp32 / bf16, dispatch -> apply_experts -> combine vs reference_moe) and the
-scenario builders are those of tests/test_managers.py, reused as they are; the decodable-data
-and bad-input workers below apply the same checks to ``shm``, whose routing equals
-deduplicated ``alltoallv`` (so its byte counts are alltoallv's minus the header's split sizes).
+* TOKEN results are the receiver's shared block, read in place; two results per handle stay
+  live (two micro-batches in flight); a third dispatch retires the oldest, and combining that
+  one raises on every rank while the live ones still combine correctly.
+* The EXPERT_PACKED layout moves the same rows as `alltoallv` and gives the same outputs.
+* Large rows (H = 4096 bf16, hundreds of tokens), fp16 and fp64.
+* A handle's capacity: exceeded with an explicit handle it is the caller's error on every
+  rank; without a handle the manager grows its implicit handle collectively.
+* /dev/shm keeps nothing of a job; availability follows the topology; options are checked.
 """
 
 from __future__ import annotations
 
-import itertools
+import os
 
 import pytest
 import torch
-from test_managers import (
-    ATOL,
-    CONSISTENCY_ERRORS,
-    DTYPES,
-    HIDDEN,
-    LOCAL_ERRORS,
-    NUM_EXPERTS,
-    TOPK,
-    _assert_contract,
-    _bad_case,
-    _contract,
-    _decodable_inputs,
-    _expected_bytes,
-    _group,
-    _placement,
-    _tokens_per_rank,
-)
 
-from moe_ep.distributed import GroupCoordinator
+from moe_ep.distributed import GroupCoordinator, Topology
 from moe_ep.distributed.shm import ShmCommunicator
-from moe_ep.distributed.topology import Topology
 from moe_ep.managers import (
+    EPSpec,
     Layout,
-    ManagerUnavailableError,
     RemoteInputError,
     apply_experts,
     available_managers,
     build_manager,
 )
-from moe_ep.testing.reference import make_linear_experts, reference_moe
+from moe_ep.managers.shm import ShmAll2AllOptions
+from moe_ep.testing.reference import make_scaling_experts, reference_moe
+from moe_ep.testing.scenarios import global_inputs, placement_ranges
 
 pytestmark = pytest.mark.skipif(
     not ShmCommunicator.available()[0], reason=ShmCommunicator.available()[1]
 )
 
-SHM = (("shm", {}),)
+
+def _group(info, use_shm: bool = True) -> GroupCoordinator:
+    return GroupCoordinator([list(range(info.world_size))], "ep", use_shm=use_shm)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_contract_matches_reference(dist_pool, world):
-    results = dist_pool(world).run(_contract, SHM, NUM_EXPERTS, TOPK, DTYPES, True, timeout=240)
-    assert len(results[0]) == len(NUM_EXPERTS) * len(TOPK) * len(DTYPES)
-    _assert_contract(results)
+def _inputs(r: int, world: int, n: int, hidden: int, num_experts: int, topk: int, dtype, seed):
+    counts = [n + (3 * q) % 5 for q in range(world)]
+    xs, ws, ids = global_inputs(seed, counts, num_experts, topk, dtype, hidden)
+    return xs, ws, ids, counts
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_contract_with_its_own_segment(dist_pool, world):
-    """A group without shared memory: the manager maps a segment of its own."""
-    results = dist_pool(world).run(_contract, SHM, (10,), (2, 6), DTYPES, False, timeout=120)
-    _assert_contract(results)
-
-
-def _decodable(info) -> list[tuple]:
-    """Received rows identify sender and token; counts, ids, weights and bytes match."""
+def _in_place_and_live_results(info) -> list[str]:
     group = _group(info)
     r, world = info.rank, info.world_size
     mgr = build_manager("shm", group)
-    seen = []
+    notes = []
     try:
-        assert mgr.layout is Layout.EXPERT_PACKED
-        cases = itertools.product((4, 10), (2, 6), (torch.float32, torch.bfloat16))
-        for c, (num_experts, topk, dtype) in enumerate(cases):
-            counts = _tokens_per_rank(world, c)
-            xs, ws, ids = _decodable_inputs(counts, num_experts, topk, 77 + c, dtype)
-            mine = _placement(num_experts, world)[r]
-            res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=num_experts)
-            what = f"E={num_experts} K={topk} {dtype} counts={counts}"
-            # Independent expectation: (sender, token, local expert, weight) per pair.
-            pairs = sorted(
-                (s, t, e - mine.start, float(ws[s][t, k]))
-                for s in range(world)
-                for t in range(counts[s])
-                for k, e in enumerate(ids[s][t].tolist())
-                if e in mine
-            )
-            per_expert = [sum(1 for p in pairs if p[2] == le) for le in range(len(mine))]
-            assert res.tokens_per_expert.tolist() == per_expert, what
-            decoded = res.x.float()
-            assert (decoded[:, :-1] == decoded[:, :1]).all(), what
-            got = sorted(
-                (int(s), int(t), le, w)
-                for s, t, le, w in zip(
-                    decoded[:, 0].tolist(), decoded[:, -1].tolist(), res.topk_ids.tolist(),
-                    res.topk_weights.tolist(), strict=True,
-                )
-            )
-            assert got == pairs, what
-            assert res.topk_ids.tolist() == sorted(res.topk_ids.tolist()), what
-            # Within an expert, rows come in (source rank, token) order.
-            keys = list(zip(res.topk_ids.tolist(), decoded[:, 0].tolist(), decoded[:, -1].tolist()))
-            assert keys == sorted(keys), what
+        hidden, num_experts, topk = 16, 8, 3
+        spec = EPSpec(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=12,
+                      dtype=torch.float32)
+        handle = mgr.get_handle(spec)
+        assert mgr.get_handle(spec) is handle  # cached by the spec
+        experts = make_scaling_experts(num_experts, hidden, seed=4)
+        first = placement_ranges(num_experts, world)[r].start
+        batches = [_inputs(r, world, 5 + b, hidden, num_experts, topk, torch.float32, 40 + b)
+                   for b in range(3)]
+        results = [mgr.dispatch(xs[r], ws[r], ids[r], handle=handle)
+                   for xs, ws, ids, _ in batches[:2]]
+        # TOKEN rows are the handle's shared block, read in place (not a copy).
+        block = handle.buffer.x[0]
+        assert results[0].layout is Layout.TOKEN
+        assert results[0].x.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+        notes.append("in place")
 
-            y = mgr.combine(apply_experts(res, lambda e, rows_: rows_), res)
-            w_sum = torch.where(ids[r] >= 0, ws[r], 0).sum(dim=1, keepdim=True)
-            want = (xs[r].float() * w_sum).to(dtype).float()
-            tol = ATOL[dtype] * 50 if dtype == torch.bfloat16 else 1e-5
-            assert y.dtype == dtype and torch.allclose(y.float(), want, atol=tol, rtol=1e-2), what
+        def run(res, batch):
+            xs, ws, ids, counts = batch
+            y = mgr.combine(apply_experts(res, lambda e, q: experts[first + e](q)), res)
+            ref = reference_moe(torch.cat(xs), torch.cat(ws), torch.cat(ids), experts)
+            start = sum(counts[:r])
+            return (y - ref[start:start + counts[r]]).abs().max().item()
 
-            dispatch_bytes, combine_bytes = _expected_bytes(
-                "alltoallv", {}, r, counts, ids, num_experts, topk, 8, xs[r].element_size()
-            )
-            if world > 1:
-                dispatch_bytes -= (world - 1) * 4 * 2 * world  # alltoallv's split sizes
-            got_bytes = (mgr.last_dispatch_bytes.total, mgr.last_combine_bytes.total)
-            assert got_bytes == (dispatch_bytes, combine_bytes), (what, got_bytes)
-            seen.append(what)
+        # Two live results combine in dispatch order and out of it.
+        assert run(results[1], batches[1]) < 1e-5 and run(results[0], batches[0]) < 1e-5
+        notes.append("two live")
+        # A third dispatch retires the oldest of three.
+        results = [mgr.dispatch(xs[r], ws[r], ids[r], handle=handle) for xs, ws, ids, _ in batches]
+        with pytest.raises(ValueError, match="replaced by a later dispatch"):
+            mgr.combine(apply_experts(results[0], lambda e, q: q), results[0])
+        assert run(results[1], batches[1]) < 1e-5 and run(results[2], batches[2]) < 1e-5
+        notes.append("retired")
     finally:
         mgr.destroy()
         group.destroy()
-    return seen
+    return notes
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_decodable_rows_counts_and_bytes(dist_pool, world):
-    results = dist_pool(world).run(_decodable, timeout=180)
-    assert all(len(seen) == 8 for seen in results)
+@pytest.mark.parametrize("world", [2, 3])
+def test_results_in_place_two_live_and_retired(dist_pool, world):
+    results = dist_pool(world).run(_in_place_and_live_results, timeout=120)
+    assert all(notes == ["in place", "two live", "retired"] for notes in results)
 
 
-def _large_and_matching(info) -> list[float]:
-    """Far more rows than the manager's own small segment holds per step (many chunks each
-    way); the dispatched rows and the combined output equal alltoallv's over gloo."""
-    gloo = GroupCoordinator([list(range(info.world_size))], "ep_gloo", use_shm=False)
-    r = info.rank
+def _same_as_alltoallv(info) -> list[float]:
+    """Far more rows than one step of the collectives holds: packed shm moves exactly the rows
+    of alltoallv, and both layouts give alltoallv's output."""
+    group = _group(info)
+    r, world = info.rank, info.world_size
     errors = []
-    shm_mgr = build_manager("shm", gloo, buffer_bytes=64 << 10)
-    a2av = build_manager("alltoallv", gloo)
+    managers = [build_manager("shm", group, layout="expert_packed"), build_manager("shm", group),
+                build_manager("alltoallv", group)]
     try:
-        for n, hidden, dtype in ((300, 2048, torch.bfloat16), (7, 4096, torch.float32)):
-            gen = torch.Generator().manual_seed(10 + r)
-            x = torch.randn(n, hidden, generator=gen).to(dtype)
-            ids = torch.rand(n, 16, generator=gen).argsort(dim=1)[:, :4]
-            w = torch.rand(n, 4, generator=gen)
-            first = _placement(16, info.world_size)[r].start
+        for n, hidden, dtype in ((300, 4096, torch.bfloat16), (7, 4096, torch.float32),
+                                 (9, 64, torch.float16), (9, 64, torch.float64)):
+            xs, ws, ids, counts = _inputs(r, world, n, hidden, 16, 4, dtype, 10 + n)
+            first = placement_ranges(16, world)[r].start
             outs = []
-            for mgr in (shm_mgr, a2av):
-                res = mgr.dispatch(x, w, ids, num_experts=16)
+            for mgr in managers:
+                res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=16)
                 # Cheap experts that differ per global expert (big linear layers cost seconds).
                 out = apply_experts(res, lambda e, q, f=first: q * (f + e + 1) - 0.5 * q.square())
                 outs.append((res, mgr.combine(out, res)))
-            (res_s, y_s), (res_a, y_a) = outs
-            assert torch.equal(res_s.x, res_a.x) and torch.equal(res_s.topk_ids, res_a.topk_ids)
-            assert torch.equal(res_s.tokens_per_expert, res_a.tokens_per_expert)
-            errors.append((y_s.float() - y_a.float()).abs().max().item())
+            (res_p, y_p), (_, y_t), (res_a, y_a) = outs
+            assert torch.equal(res_p.x, res_a.x) and torch.equal(res_p.topk_ids, res_a.topk_ids)
+            assert torch.equal(res_p.tokens_per_expert, res_a.tokens_per_expert)
+            assert y_p.dtype == y_t.dtype == dtype
+            errors.append(max((y_p.float() - y_a.float()).abs().max().item(),
+                              (y_t.float() - y_a.float()).abs().max().item()))
     finally:
-        shm_mgr.destroy()
-        a2av.destroy()
-        gloo.destroy()
+        for mgr in managers:
+            mgr.destroy()
+        group.destroy()
     return errors
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_many_chunks_and_same_rows_as_alltoallv(dist_pool, world):
-    results = dist_pool(world).run(_large_and_matching, timeout=180)
-    for errs in results:
-        assert errs[0] <= 2e-2 and errs[1] <= 1e-4, errs
+def test_same_rows_and_outputs_as_alltoallv(dist_pool, world):
+    for errs in dist_pool(world).run(_same_as_alltoallv, timeout=240):
+        assert errs[0] <= 2e-2 and errs[1] <= 1e-4 and errs[2] <= 5e-3 and errs[3] <= 1e-12, errs
 
 
-def _bad_inputs(info) -> list[tuple]:
-    """Each bad-input scenario: what every rank raised, then a valid round trip in step."""
+def _capacity(info) -> list[str]:
     group = _group(info)
     r, world = info.rank, info.world_size
     bad = world - 1
+    mgr = build_manager("shm", group, max_tokens_per_rank=4)
     seen = []
-    kinds = list(LOCAL_ERRORS) + (list(CONSISTENCY_ERRORS) if world > 1 else [])
-    experts = make_linear_experts(8, HIDDEN, seed=3)
-    first = _placement(8, world)[r].start
-    mgr = build_manager("shm", group)
     try:
-        for kind in kinds:
-            x, w, ids, num_experts = _bad_case(kind, r, bad, world)
-            try:
-                mgr.dispatch(x, w, ids, num_experts=num_experts)
-            except Exception as exc:  # noqa: BLE001 - recorded, checked in the parent
-                seen.append((kind, type(exc).__name__, str(exc), getattr(exc, "bad_ranks", None)))
-            else:
-                seen.append((kind, None, "", None))
-            x, w, ids, num_experts = _bad_case("none", r, bad, world)
-            res = mgr.dispatch(x, w, ids, num_experts=num_experts)
+        handle = mgr.get_handle(EPSpec(hidden=8, num_experts=4, topk=2, max_tokens_per_rank=4,
+                                       dtype=torch.float32))
+        xs, ws, ids, counts = _inputs(r, world, 3, 8, 4, 2, torch.float32, 1)
+        n = 5 if r == bad else 3
+        x, w, i = torch.randn(n, 8), torch.rand(n, 2), torch.tensor([[0, 1]] * n)
+        try:
+            mgr.dispatch(x, w, i, handle=handle)
+        except RemoteInputError as exc:
+            seen.append(("remote", exc.bad_ranks))
+        except ValueError as exc:
+            assert "max_tokens_per_rank=4" in str(exc)
+            seen.append(("local", None))
+        # Without a handle the manager grows its implicit handle (collectively) as needed.
+        experts = make_scaling_experts(4, 8, seed=2)
+        first = placement_ranges(4, world)[r].start
+        for size in (3, 40, 7):
+            xs, ws, ids, counts = _inputs(r, world, size, 8, 4, 2, torch.float32, size)
+            res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=4)
             y = mgr.combine(apply_experts(res, lambda e, q: experts[first + e](q)), res)
-            assert torch.allclose(y, reference_moe(x, w, ids, experts), atol=1e-5), kind
-        res = mgr.dispatch(x, w, ids, num_experts=num_experts)
-        with pytest.raises(ValueError, match="expert_out must be"):
-            mgr.combine(res.x[:, :-1], res)
-        mgr.combine(apply_experts(res, lambda e, q: q), res)
-        mgr.destroy()
-        mgr.destroy()
-        with pytest.raises(RuntimeError, match="destroyed"):
-            mgr.dispatch(x, w, ids, num_experts=num_experts)
+            ref = reference_moe(torch.cat(xs), torch.cat(ws), torch.cat(ids), experts)
+            start = sum(counts[:r])
+            assert torch.allclose(y, ref[start:start + counts[r]], atol=1e-5), size
+        caps = sorted(h.spec.max_tokens_per_rank for h in mgr._implicit.values())
+        seen.append(("grown", tuple(caps)))
     finally:
         mgr.destroy()
         group.destroy()
     return seen
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_bad_inputs_raise_on_every_rank(dist_pool, world):
-    results = dist_pool(world).run(_bad_inputs, timeout=180)
-    bad = world - 1
+@pytest.mark.parametrize("world", [2, 3])
+def test_capacity_checked_and_grown(dist_pool, world):
+    results = dist_pool(world).run(_capacity, timeout=120)
     for rank, seen in enumerate(results):
-        for kind, exc_type, message, bad_ranks in seen:
-            where = f"rank {rank}, {kind}: {exc_type}: {message}"
-            assert exc_type is not None, f"{where}: no error raised"
-            if kind in CONSISTENCY_ERRORS:
-                assert exc_type == "ValueError" and CONSISTENCY_ERRORS[kind] in message, where
-            elif rank == bad:
-                want_type, fragment = LOCAL_ERRORS[kind]
-                assert exc_type == want_type.__name__ and fragment in message, where
-            else:
-                assert exc_type == RemoteInputError.__name__ and bad_ranks == (bad,), where
+        assert seen[0] == (("local", None) if rank == world - 1 else ("remote", (world - 1,)))
+        # 40 + (3 r) % 5 tokens need a power of two >= 44: 64.
+        assert seen[1] == ("grown", (64,))
+
+
+def _leaves_nothing(info) -> list[str]:
+    group = _group(info)
+    mgr = build_manager("shm", group)
+    mgr.get_handle(EPSpec(hidden=8, num_experts=4, topk=1, max_tokens_per_rank=8,
+                          dtype=torch.float32))
+    mine = [f for f in os.listdir("/dev/shm") if f.startswith("moe_ep_")]
+    mgr.destroy()
+    group.destroy()
+    return mine
+
+
+def test_dev_shm_keeps_nothing(dist_pool):
+    # Names are unlinked as soon as every rank has mapped them, while the job still runs.
+    for files in dist_pool(2).run(_leaves_nothing, timeout=60):
+        assert files == []
 
 
 def test_availability_follows_the_topology():
@@ -240,20 +214,27 @@ def test_availability_follows_the_topology():
 
 
 def test_rejects_bad_options():
-    with pytest.raises(TypeError, match="unexpected option"):
-        build_manager("shm", _FakeGroup(), nope=1)
-    with pytest.raises(ValueError, match="buffer_bytes"):
-        build_manager("shm", _FakeGroup(), buffer_bytes=1000)
+    with pytest.raises(ValueError, match="layout"):
+        ShmAll2AllOptions(layout="padded")
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        ShmAll2AllOptions(max_tokens_per_rank=0)
+    with pytest.raises(TypeError, match="max_tokens_per_rank"):
+        ShmAll2AllOptions(max_tokens_per_rank=2.0)
 
 
-class _FakeGroup:
-    """Enough of a one-rank group for option checks (no communication at W=1)."""
+def _handle_needs_capacity(info) -> str:
+    group = _group(info)
+    mgr = build_manager("shm", group)
+    try:
+        mgr.get_handle(EPSpec(hidden=8, num_experts=4, topk=1, dtype=torch.float32))
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        mgr.destroy()
+        group.destroy()
+    return "accepted"
 
-    world_size, rank_in_group, cpu_group, device, name, shm = 1, 0, None, "cpu", "fake", None
 
-
-def test_unavailable_on_a_cuda_group():
-    group = _FakeGroup()
-    group.world_size, group.device = 2, "cuda"
-    with pytest.raises(ManagerUnavailableError, match="CPU group"):
-        build_manager("shm", group)
+def test_handle_without_capacity_is_refused(dist_pool):
+    for message in dist_pool(2).run(_handle_needs_capacity, timeout=60):
+        assert "max_tokens_per_rank must be set" in message

@@ -29,7 +29,7 @@
 
 #define SHM_MAX_RANKS 64
 #define SHM_MAGIC 0x3170656d6f65ULL /* identifies an initialised moe_ep segment */
-#define SHM_ABI_VERSION 3u
+#define SHM_ABI_VERSION 4u
 #define SHM_ERR_LEN 512
 
 enum shm_dtype { SHM_F32 = 0, SHM_BF16 = 1, SHM_F16 = 2, SHM_BYTES = 3 };
@@ -83,6 +83,7 @@ typedef struct {
   uint64_t p2p_half;
   uint64_t total_bytes;
   uint64_t off_rank_ctl, off_chan_ctl, off_coll, off_p2p;
+  uint64_t off_user, user_bytes; /* region owned by a layer above the collectives (shm_ep.c) */
   _Alignas(64) _Atomic uint32_t abort_flag;
   int32_t abort_rank;
   char abort_msg[SHM_ERR_LEN];
@@ -97,6 +98,7 @@ typedef struct {
   double spin_us;      /* busy-wait this long before yielding (0: choose from core count) */
   double yield_us;     /* then sched_yield this long before sleeping on the futex */
   uint64_t naive_max;  /* all-reduce chunks up to this size: one step, every rank sums all */
+  uint64_t user_bytes; /* extra zeroed region after the slots (0: none), see shm_handle.user */
 } shm_options;
 
 /* One rank's outgoing stream for gathers / all_to_all: an optional contiguous head (e.g. the
@@ -121,7 +123,8 @@ typedef struct shm_handle {
   shm_chan_ctl *chan;
   char *coll;
   char *p2p;
-  uint64_t coll_half, p2p_half;
+  char *user; /* the segment's user region (user_bytes), NULL when none */
+  uint64_t coll_half, p2p_half, user_bytes;
 
   uint32_t step; /* collective steps completed by this rank */
   uint32_t send_seq[SHM_MAX_RANKS];
@@ -156,6 +159,12 @@ int shm_fail(shm_handle *h, int mode, const char *fmt, ...)
 int shm_check_usable(shm_handle *h);
 int shm_wait_ge(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t *waiters,
                 uint32_t target, int peer, const char *what);
+/* shm_wait_ge that also calls check(ctx) whenever it stops spinning (yield and sleep phases);
+ * a non-zero return ends the wait with -1 (check records the error itself). */
+typedef int (*shm_wait_check)(shm_handle *h, void *ctx);
+int shm_wait_ge_checked(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t *waiters,
+                        uint32_t target, int peer, const char *what, shm_wait_check check,
+                        void *ctx);
 void shm_publish(_Atomic uint32_t *word, _Atomic uint32_t *waiters, uint32_t value);
 static inline int shm_stamp_ge(uint32_t a, uint32_t b) { return (int32_t)(a - b) >= 0; }
 
@@ -206,26 +215,5 @@ SHM_API int shm_send_tensor_list(shm_handle *h, int dst, int n, const void *cons
                                  const uint64_t *nbytes, const void *meta, uint64_t meta_len);
 SHM_API int shm_recv_begin(shm_handle *h, int src, uint64_t *meta_len, uint64_t *data_len);
 SHM_API int shm_recv_bytes(shm_handle *h, int src, void *buf, uint64_t n);
-
-/* out[j] = sum_{t in [offsets[j], offsets[j+1])} weights[t] * src[rows[t]] (rows of `hidden`
- * elements; weights NULL = 1), accumulated in fp32 in t order, rounded once to dtype. Local
- * (no communication): the shm manager's combine. Returns -1 for an unsupported dtype. */
-SHM_API int shm_segment_sum(int dtype, void *out, uint64_t nseg, const int64_t *offsets,
-                            const int64_t *rows, const float *weights, const void *src,
-                            uint64_t hidden);
-
-/* Routing bookkeeping of the shm MoE manager (moe_routing.c); see that file. Buffers are sized
- * by the caller: send_token / token_order n * min(k, world), records n * k * 2,
- * token_offsets n + 1; decode outputs total pairs (and total received rows + 1 offsets).
- * Returns 0, -1 out of memory, -2 corrupt records. */
-SHM_API int shm_moe_plan(const int64_t *ids, const float *weights, int64_t n, int64_t k,
-                         const int64_t *owner, const int64_t *local, int world, int64_t max_local,
-                         int64_t *send_rows, int64_t *send_pairs, int64_t *send_token,
-                         int32_t *records, int64_t *token_offsets, int64_t *token_order);
-SHM_API int shm_moe_decode(const int32_t *records, const int64_t *pairs_per_src,
-                           const int64_t *rows_per_src, int world, int64_t max_local,
-                           int64_t num_local, int64_t *packed_row, float *packed_weight,
-                           int64_t *packed_local, int64_t *tokens_per_expert,
-                           int64_t *row_offsets, int64_t *row_order, float *row_weights);
 
 #endif /* MOE_EP_SHM_H */

@@ -153,6 +153,12 @@ static int find_dead_peer(shm_handle *h) {
 
 int shm_wait_ge(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t *waiters,
                 uint32_t target, int peer, const char *what) {
+  return shm_wait_ge_checked(h, word, waiters, target, peer, what, NULL, NULL);
+}
+
+int shm_wait_ge_checked(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t *waiters,
+                        uint32_t target, int peer, const char *what, shm_wait_check check,
+                        void *ctx) {
   if (shm_stamp_ge(atomic_load_explicit(word, memory_order_acquire), target)) return 0;
   int64_t start = now_ns();
   int64_t t = start;
@@ -169,6 +175,7 @@ int shm_wait_ge(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t *waiters
   while (t - start < h->spin_ns + h->yield_ns) {
     sched_yield();
     if (shm_stamp_ge(atomic_load_explicit(word, memory_order_acquire), target)) return 0;
+    if (check && check(h, ctx)) return -1;
     t = now_ns();
   }
   /* Phase 3: sleep on the futex in short slices. */
@@ -179,6 +186,7 @@ int shm_wait_ge(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t *waiters
     atomic_fetch_sub_explicit(waiters, 1, memory_order_seq_cst);
     if (shm_stamp_ge(atomic_load_explicit(word, memory_order_acquire), target)) return 0;
     if (check_abort(h)) return -1;
+    if (check && check(h, ctx)) return -1;
     t = now_ns();
     if (t - h->last_liveness_ns >= LIVENESS_PERIOD_NS) {
       h->last_liveness_ns = t;
@@ -207,7 +215,8 @@ uint64_t shm_segment_bytes(shm_handle *h) { return h->size; }
 int shm_group_size(shm_handle *h) { return h->world; }
 int shm_group_rank(shm_handle *h) { return h->rank; }
 
-static void layout(shm_header *hd, int world, uint64_t coll_half, uint64_t p2p_half) {
+static void layout(shm_header *hd, int world, uint64_t coll_half, uint64_t p2p_half,
+                   uint64_t user_bytes) {
   uint64_t off = ALIGN_UP(sizeof(shm_header), PAGE);
   hd->off_rank_ctl = off;
   off = ALIGN_UP(off + (uint64_t)world * sizeof(shm_rank_ctl), PAGE);
@@ -217,6 +226,9 @@ static void layout(shm_header *hd, int world, uint64_t coll_half, uint64_t p2p_h
   off += (uint64_t)world * 2 * coll_half;
   hd->off_p2p = off;
   off += (uint64_t)world * world * 2 * p2p_half;
+  off = ALIGN_UP(off, PAGE);
+  hd->off_user = off;
+  off += user_bytes;
   hd->total_bytes = ALIGN_UP(off, PAGE);
 }
 
@@ -227,6 +239,8 @@ static void bind_pointers(shm_handle *h) {
   h->chan = (shm_chan_ctl *)(b + h->hdr->off_chan_ctl);
   h->coll = b + h->hdr->off_coll;
   h->p2p = b + h->hdr->off_p2p;
+  h->user_bytes = h->hdr->user_bytes;
+  h->user = h->user_bytes ? b + h->hdr->off_user : NULL;
   h->coll_half = h->hdr->coll_half;
   h->p2p_half = h->hdr->p2p_half;
 }
@@ -287,7 +301,7 @@ shm_handle *init_shm_manager(const char *name, int group_size, int rank, const s
     fchmod(fd, 0600);
     shm_header tmp;
     memset(&tmp, 0, sizeof tmp);
-    layout(&tmp, group_size, o->coll_half, o->p2p_half);
+    layout(&tmp, group_size, o->coll_half, o->p2p_half, o->user_bytes);
     h->size = tmp.total_bytes;
     /* Reserve the pages now: on a full tmpfs, touching an unreserved page raises SIGBUS later. */
     int rc = posix_fallocate(fd, 0, (off_t)h->size);
@@ -311,6 +325,8 @@ shm_handle *init_shm_manager(const char *name, int group_size, int rank, const s
     hd->off_chan_ctl = tmp.off_chan_ctl;
     hd->off_coll = tmp.off_coll;
     hd->off_p2p = tmp.off_p2p;
+    hd->off_user = tmp.off_user;
+    hd->user_bytes = o->user_bytes;
     hd->total_bytes = tmp.total_bytes;
     atomic_store_explicit(&hd->magic, SHM_MAGIC, memory_order_release);
   } else {

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+_DEFAULT_TIMEOUT_S = 300.0
 # dtypes the shared-memory all-reduce sums natively (in fp32); others go through gloo.
 _SHM_REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -48,15 +49,19 @@ class GroupCoordinator:
             exactly one of them.
         name: a label for errors and logs ("tp", "ep", ...).
         use_shm: use shared-memory collectives for CPU groups on one node (gloo otherwise).
+        timeout_s: how long a shared-memory wait for a peer may last (default 300 s); the
+            managers built on the group use it too.
     """
 
-    def __init__(self, group_ranks: Sequence[Sequence[int]], name: str, *, use_shm: bool = True):
+    def __init__(self, group_ranks: Sequence[Sequence[int]], name: str, *, use_shm: bool = True,
+                 timeout_s: float | None = None):
         if not dist.is_initialized():
             raise RuntimeError(
                 f"GroupCoordinator({name!r}) needs torch.distributed to be initialised: "
                 "call moe_ep.distributed.init_distributed() (or launch with torchrun) first"
             )
         self.name = name
+        self.timeout_s = float(timeout_s) if timeout_s is not None else _DEFAULT_TIMEOUT_S
         self.rank = dist.get_rank()
         world = dist.get_world_size()
         groups = _validate_group_ranks(group_ranks, world, self.rank, name)
@@ -125,7 +130,8 @@ class GroupCoordinator:
         if not (all(same_node) and all(usable)):
             return None
         try:
-            return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name)
+            return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name,
+                                   timeout_s=self.timeout_s)
         except ShmUnavailableError:
             # Raised on every rank alike (e.g. /dev/shm full, ranks in separate containers).
             return None

@@ -29,6 +29,7 @@ import atexit
 import ctypes
 import importlib.util
 import math
+import mmap
 import os
 import re
 import secrets
@@ -48,7 +49,8 @@ __all__ = [
     "ShmUnavailableError",
     "init_shm_manager",
     "join_shm_manager",
-    "segment_sum",
+    "SharedBuffer",
+    "native_library",
     "shm_all_gather",
     "shm_allreduce",
     "shm_gather",
@@ -56,7 +58,7 @@ __all__ = [
     "shm_send_tensor_list",
 ]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _MAX_RANKS = 64
 _PAGE = 4096
 # Per rank: two halves of this size. 16 MiB tensors then take a few steps; more buys little
@@ -123,6 +125,7 @@ class _Options(ctypes.Structure):
         ("spin_us", ctypes.c_double),
         ("yield_us", ctypes.c_double),
         ("naive_max", ctypes.c_uint64),
+        ("user_bytes", ctypes.c_uint64),
     ]
 
 
@@ -146,7 +149,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(path)
     except OSError as e:
         return None, f"cannot load {path}: {e}"
-    vp, u64, i32, i64 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64
+    vp, u64, i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int
     sigs = {
         "shm_abi_version": (ctypes.c_uint32, []),
         "shm_init_error": (ctypes.c_char_p, []),
@@ -167,9 +170,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_gather_finish": (i32, [vp, vp]),
         "shm_all_to_all_begin": (i32, [vp, vp, vp, vp, vp, vp, u64, i32, vp, vp]),
         "shm_all_to_all_finish": (i32, [vp, vp, vp]),
-        "shm_segment_sum": (i32, [i32, vp, u64, vp, vp, vp, vp, u64]),
-        "shm_moe_plan": (i32, [vp, vp, i64, i64, vp, vp, i32, i64, vp, vp, vp, vp, vp, vp]),
-        "shm_moe_decode": (i32, [vp, vp, vp, i32, i64, i64, vp, vp, vp, vp, vp, vp, vp]),
+        "shm_ep_control_bytes": (u64, [i32]),
+        "shm_ep_attach": (vp, [vp]),
+        "shm_ep_detach": (None, [vp]),
+        "shm_ep_data_bytes": (u64, [i32, vp]),
+        "shm_ep_register": (i32, [vp, i32, vp, vp]),
+        "shm_ep_unregister": (i32, [vp, i32]),
+        "shm_ep_region": (vp, [vp, i32, i32, i32, i32]),
+        "shm_ep_dispatch": (i32, [vp, i32, vp]),
+        "shm_ep_combine": (i32, [vp, i32, vp]),
+        "shm_ep_combine_done": (i32, [vp, i32, u64]),
+        "shm_ep_retire": (i32, [vp, i32, u64]),
+        "shm_ep_post_destroyed": (None, [vp, u64]),
         "shm_send_tensor_list": (i32, [vp, i32, i32, vp, vp, vp, u64]),
         "shm_recv_begin": (i32, [vp, i32, vp, vp]),
         "shm_recv_bytes": (i32, [vp, i32, vp, u64]),
@@ -187,11 +199,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def _lib() -> ctypes.CDLL:
+def native_library() -> ctypes.CDLL:
+    """The loaded transport library (csrc/cpu/shm_*.c), for the layers built on a segment
+    (`moe_ep.distributed.shm_exchange`). Raises `ShmUnavailableError` when it cannot load."""
     lib, reason = _load()
     if lib is None:
         raise ShmUnavailableError(reason)
     return lib
+
+
+_lib = native_library
 
 
 def _error(handle: int | None) -> str:
@@ -229,6 +246,7 @@ def init_shm_manager(
     p2p_buffer_bytes: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     naive_max_bytes: int = DEFAULT_NAIVE_MAX_BYTES,
+    user_bytes: int = 0,
 ) -> int:
     """Map the group's segment and return a handle: rank 0 creates it, the others open it.
 
@@ -239,12 +257,14 @@ def init_shm_manager(
         p2p_buffer_bytes: half size of a point-to-point channel (None: from the budget).
         timeout_s: how long a wait for a peer may last before the group is aborted.
         naive_max_bytes: all-reduce chunks up to this size take the one-step algorithm.
+        user_bytes: size of a zeroed region after the slots for a layer above (0: none).
     The other ranks must open the segment only after rank 0's call returned.
     """
     lib = _lib()
     if p2p_buffer_bytes is None:
         p2p_buffer_bytes = _default_p2p_bytes(group_size)
-    opts = _Options(buffer_bytes, p2p_buffer_bytes, float(timeout_s), 0.0, 0.0, naive_max_bytes)
+    opts = _Options(buffer_bytes, p2p_buffer_bytes, float(timeout_s), 0.0, 0.0, naive_max_bytes,
+                    user_bytes)
     handle = lib.init_shm_manager(name.encode(), group_size, rank, ctypes.byref(opts))
     if not handle:
         raise ShmUnavailableError(_error(None))
@@ -375,6 +395,8 @@ class ShmCommunicator:
         p2p_buffer_bytes: half of each point-to-point channel (None: up to 256 KiB, within a
             64 MiB budget for all world * (world - 1) channels).
         timeout_s: a wait for a peer longer than this aborts the group with `ShmError`.
+        user_bytes: a zeroed region of this size after the slots, for a layer built on the
+            segment (the MoE token exchange keeps its control words there).
     Raises:
         ShmUnavailableError: on every rank alike, when the segment cannot be set up (the
             caller may fall back to gloo).
@@ -397,6 +419,7 @@ class ShmCommunicator:
         p2p_buffer_bytes: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         naive_max_bytes: int = DEFAULT_NAIVE_MAX_BYTES,
+        user_bytes: int = 0,
     ):
         _check_int(world_size, "world_size", 2, _MAX_RANKS)
         _check_int(rank_in_group, "rank_in_group", 0, world_size - 1)
@@ -417,6 +440,7 @@ class ShmCommunicator:
         ):
             raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
         _check_int(naive_max_bytes, "naive_max_bytes", 0, 1 << 40)
+        _check_int(user_bytes, "user_bytes", 0, 1 << 40)
 
         self.group_name = group_name
         self.rank_in_group = rank_in_group
@@ -432,17 +456,13 @@ class ShmCommunicator:
 
         # 1. Rank 0 names the segment; the name is known to all before it exists, so whoever
         #    survives a crash during set-up can unlink it.
-        label = re.sub(r"[^A-Za-z0-9_.-]", "_", group_name)[:48]
-        box = [f"/moe_ep_{os.getpid()}_{secrets.token_hex(8)}_{label}"]
-        dist.broadcast_object_list(box, src=group_ranks[0], group=cpu_group)
-        self.segment_name: str = box[0]
-        with _PENDING_LOCK:
-            _PENDING_NAMES.add(self.segment_name)
+        self.segment_name: str = _agree_on_name(cpu_group, group_ranks[0], group_name)
         opts = {
             "buffer_bytes": buffer_bytes,
             "p2p_buffer_bytes": p2p_buffer_bytes,
             "timeout_s": timeout_s,
             "naive_max_bytes": naive_max_bytes,
+            "user_bytes": user_bytes,
         }
         try:
             # 2. Rank 0 creates; everyone learns whether that worked.
@@ -489,6 +509,12 @@ class ShmCommunicator:
         name = getattr(self, "segment_name", None)
         if name is not None:
             _unlink(name)
+
+    @property
+    def native_handle(self) -> int:
+        """The C handle of the mapped segment (for `native_library()` calls of the layers built
+        on it); raises RuntimeError once destroyed."""
+        return self._h()
 
     def _h(self) -> int:
         if self._handle is None:
@@ -734,46 +760,91 @@ class ShmCommunicator:
         )
 
 
-# ------------------------------------------------------------------------ local kernel
-def segment_sum(
-    src: torch.Tensor,
-    rows: torch.Tensor,
-    offsets: torch.Tensor,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`out[j] = sum_{t in [offsets[j], offsets[j+1])} weights[t] * src[rows[t]]`, one pass.
+# ----------------------------------------------------------------------- shared buffer
+class SharedBuffer:
+    """`nbytes` of POSIX shared memory mapped by every rank of a CPU group (collective).
+
+    Rank 0 creates the file (`O_CREAT | O_EXCL`, mode 0600, pages reserved with
+    `posix_fallocate` so that a full /dev/shm fails here, not with SIGBUS later); every rank maps
+    it (`MAP_SHARED | MAP_POPULATE`: no page faults on the hot path) and, once all have, every
+    rank unlinks the name, as for `ShmCommunicator`. The mapping is a Python `mmap` object:
+    tensors from `view` keep it alive, so a tensor that outlives `destroy()` stays valid memory
+    (its contents are simply no longer maintained).
 
     Args:
-        src: `[R, H]` contiguous CPU fp32 / bf16 / fp16.
-        rows: `[T]` int64 row indices into src (in [0, R); not checked element-wise).
-        offsets: `[S + 1]` int64, non-decreasing, from 0 to T.
-        weights: `[T]` float32, or None for 1.
-    Returns: `[S, H]` in src's dtype, accumulated in fp32 in t order and rounded once (rows
-    with an empty segment are 0). Local: no communication.
+        cpu_group: the gloo group of these ranks; rank_in_group, world_size: this rank's index
+            and the group size; label: for the name and messages; nbytes: size (> 0).
+    Raises:
+        ShmUnavailableError: on every rank alike, when the buffer cannot be created or mapped.
     """
-    _check_reduce_input(src, "src")
-    if src.dim() != 2:
-        raise ValueError(f"src must be [rows, hidden], got shape {tuple(src.shape)}")
-    for name, t, dtype in (("rows", rows, torch.int64), ("offsets", offsets, torch.int64),
-                           ("weights", weights, torch.float32)):
-        if t is None:
-            continue
-        _check_cpu_contiguous(t, name)
-        if t.dtype != dtype or t.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
-    if offsets.numel() < 1:
-        raise ValueError("offsets must hold at least one element (0)")
-    if weights is not None and weights.numel() != rows.numel():
-        raise ValueError(f"weights has {weights.numel()} entries, rows {rows.numel()}")
-    nseg = offsets.numel() - 1
-    out = src.new_empty((nseg, src.shape[1]))
-    if nseg == 0:
-        return out
-    _lib().shm_segment_sum(
-        _REDUCE_CODES[src.dtype], out.data_ptr(), nseg, offsets.data_ptr(), rows.data_ptr(),
-        None if weights is None else weights.data_ptr(), src.data_ptr(), src.shape[1],
-    )
-    return out
+
+    def __init__(self, cpu_group: dist.ProcessGroup, rank_in_group: int, world_size: int,
+                 label: str, nbytes: int):
+        _check_int(nbytes, "nbytes", 1, 1 << 44)
+        self.nbytes = nbytes
+        self._mm: mmap.mmap | None = None
+        group_ranks = dist.get_process_group_ranks(cpu_group)
+        self.name = _agree_on_name(cpu_group, group_ranks[0], label)
+        try:
+            err = self._open(create=True) if rank_in_group == 0 else ""
+            errors = _all_gather_object(err, cpu_group, world_size)
+            if errors[0]:
+                raise ShmUnavailableError(f"rank 0 could not create {self.name}: {errors[0]}")
+            if rank_in_group != 0:
+                err = self._open(create=False)
+            errors = _all_gather_object(err, cpu_group, world_size)
+            bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+            if bad:
+                raise ShmUnavailableError(f"could not map {self.name}: " + "; ".join(bad))
+        except BaseException:
+            self.destroy()
+            raise
+        _unlink(self.name)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+
+    def _open(self, create: bool) -> str:
+        path = "/dev/shm" + self.name
+        try:
+            if create:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if create:
+                    os.posix_fallocate(fd, 0, self.nbytes)
+                else:
+                    st = os.fstat(fd)
+                    # Refuse a file another user could have planted or can read.
+                    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                        return f"{path} is not private to this user"
+                    if st.st_size != self.nbytes:
+                        return f"{path} holds {st.st_size} bytes, expected {self.nbytes}"
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                self._mm = mmap.mmap(fd, self.nbytes, flags=flags)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return f"{path}: {e.strerror or e} ({self.nbytes} bytes)"
+        return ""
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        """`[nbytes] uint8` tensor over bytes `[offset, offset + nbytes)` of the mapping."""
+        if self._mm is None:
+            raise RuntimeError(f"SharedBuffer {self.name} is destroyed")
+        if not 0 <= offset <= offset + nbytes <= self.nbytes:
+            raise ValueError(f"view [{offset}, {offset + nbytes}) outside [0, {self.nbytes})")
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=offset)
+
+    def destroy(self) -> None:
+        """Drop this object's mapping (idempotent, local). Tensors from `view` keep it mapped
+        until they die; the name is unlinked if set-up did not get that far."""
+        self._mm = None
+        _unlink(self.name)
+
+    def __repr__(self) -> str:
+        return f"SharedBuffer({self.name!r}, {self.nbytes} bytes, live={self._mm is not None})"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -828,6 +899,16 @@ def _row_bytes(t: torch.Tensor) -> int:
 def _abort(handle: int, msg: str) -> None:
     _lib().shm_abort(handle, msg.encode())
     raise ShmError(_error(handle))
+
+
+def _agree_on_name(cpu_group: dist.ProcessGroup, src: int, label: str) -> str:
+    """Collective: rank `src`'s fresh, unpredictable segment name, registered for unlinking."""
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:48]
+    box = [f"/moe_ep_{os.getpid()}_{secrets.token_hex(8)}_{label}"]
+    dist.broadcast_object_list(box, src=src, group=cpu_group)
+    with _PENDING_LOCK:
+        _PENDING_NAMES.add(box[0])
+    return box[0]
 
 
 def _all_gather_object(obj, group: dist.ProcessGroup, world: int) -> list:

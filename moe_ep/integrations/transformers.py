@@ -295,7 +295,7 @@ def expert_parallel(
     manager: All2AllManager | None = None,
     config: str | os.PathLike | Config | None = None,
     phase: str | None = None,
-    max_tokens_per_rank: int = 8192,
+    max_tokens_per_rank: int = 4096,
     quant: DispatchQuant | None = None,
 ) -> nn.Module:
     """Replace, in place, every sparse-MoE block of ``model`` with an :class:`ExpertParallelMoE`.
@@ -561,7 +561,7 @@ def from_pretrained(
     config: str | os.PathLike | Config | None = None,
     torch_dtype: torch.dtype | None = None,
     phase: str | None = None,
-    max_tokens_per_rank: int = 8192,
+    max_tokens_per_rank: int = 4096,
     quant: DispatchQuant | None = None,
     model_class: Any = None,
 ) -> nn.Module:

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_ep.layer.quant import FP8_DTYPE, DispatchQuant
-from moe_ep.managers.base import DispatchResult, Layout, weighted_row_sum
+from moe_ep.managers import DispatchResult, Layout
+from moe_ep.managers.expert_ops import weighted_row_sum
 
 __all__ = ["ACTIVATIONS", "ExpertsKernel", "expert_mlp", "fused_experts"]
 

@@ -15,6 +15,9 @@ router (``gate``) and the optional shared experts are replicated. One forward::
 expert kernel plugs in by passing ``experts_kernel=`` without touching the communication (the
 split vLLM users know as prepare / experts / finalize).
 
+The layer declares its shape to the manager once (``manager.get_handle(EPSpec(...))`` at
+construction, so building a layer is collective) and dispatches through that handle.
+
 Failure modes: ``prepare`` and ``finalize`` are collective over ``manager.group``; a bad input on
 one rank fails the call on every rank (none is left waiting in the dispatch). Inference only:
 every step runs under ``torch.no_grad()``.
@@ -30,7 +33,7 @@ from torch import nn
 from moe_ep.layer.experts import ACTIVATIONS, ExpertsKernel, fused_experts
 from moe_ep.layer.quant import DispatchQuant
 from moe_ep.layer.router import RoutingConfig
-from moe_ep.managers.base import All2AllManager, DispatchResult, expert_placement
+from moe_ep.managers import All2AllManager, DispatchResult, EPHandle, EPSpec, expert_placement
 
 __all__ = ["FusedMoE", "Router"]
 
@@ -96,8 +99,8 @@ class FusedMoE(nn.Module):
             by its sigmoid (Qwen2-MoE).
         quant: optional :class:`~moe_ep.layer.quant.DispatchQuant`: send FP8 activations with
             fp32 scales and dequantise before the experts.
-        max_tokens_per_rank: the most tokens one rank passes to one forward (sizes the
-            manager's buffers where it keeps any).
+        max_tokens_per_rank: the most tokens one rank passes to one forward (the handle's
+            ``EPSpec.max_tokens_per_rank``: managers with buffers, ``shm``, size them from it).
         experts_kernel: the experts step (default :func:`~moe_ep.layer.experts.fused_experts`).
         dtype: parameter and activation dtype.
         device: where the parameters live; None = the group's device. ``"meta"`` builds the
@@ -128,7 +131,7 @@ class FusedMoE(nn.Module):
         shared_experts: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
         quant: DispatchQuant | None = None,
-        max_tokens_per_rank: int = 8192,
+        max_tokens_per_rank: int = 4096,
         experts_kernel: ExpertsKernel | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -182,10 +185,40 @@ class FusedMoE(nn.Module):
         if torch.device(device).type != "meta":
             for p in [self.w13, self.w2] + ([self.gate.weight] if own_router else []):
                 nn.init.normal_(p, std=h**-0.5)
+        self.handle: EPHandle | None = None
+        self.declare_handle()  # collective: every rank builds its layers in the same order
 
     @property
     def num_local_experts(self) -> int:
         return len(self.local_experts)
+
+    # ---- the manager's handle ------------------------------------------------------------------
+
+    def spec(self, dtype: torch.dtype) -> EPSpec:
+        """The :class:`~moe_ep.managers.EPSpec` of this layer for activations of ``dtype``.
+
+        Quantised: float8 rows with ``quant.scale_cols(H)`` scales, combined in ``dtype``.
+        """
+        q = self.quant
+        return EPSpec(
+            hidden=self.hidden_size, num_experts=self.num_experts, topk=self.top_k,
+            max_tokens_per_rank=self.max_tokens_per_rank, dtype=q.dtype if q else dtype,
+            scale_cols=q.scale_cols(self.hidden_size) if q else 0, out_dtype=dtype,
+        )
+
+    def declare_handle(self) -> EPHandle:
+        """The manager's handle for this layer's shape, declared once (collective then).
+
+        Declared at construction for the parameters' dtype, and again only when that dtype
+        changes (``model.to(torch.bfloat16)`` on every rank): the manager caches handles by
+        spec, so layers of one shape share one.
+        """
+        dtype = self.w13.dtype
+        if self.handle is None or self.handle.spec.combine_dtype != dtype:
+            self.handle = self.manager.get_handle(self.spec(dtype))
+            logger.debug("FusedMoE: handle %d of %s for %s", self.handle.index,
+                         self.manager.name, self.handle.spec)
+        return self.handle
 
     # ---- weights -----------------------------------------------------------------------------
 
@@ -255,19 +288,18 @@ class FusedMoE(nn.Module):
             the manager's :class:`~moe_ep.managers.DispatchResult` (``x`` in FP8 with
             ``x_scales`` when quantised).
         """
+        handle = self.declare_handle()
         if self.quant is None:
-            return self.manager.dispatch(x, topk_weights, topk_ids, num_experts=self.num_experts)
+            return self.manager.dispatch(x, topk_weights, topk_ids, handle=handle)
         xq, scales = self.quant.quantize(x)
-        return self.manager.dispatch(
-            xq, topk_weights, topk_ids, num_experts=self.num_experts, x_scales=scales
-        )
+        return self.manager.dispatch(xq, topk_weights, topk_ids, handle=handle, x_scales=scales)
 
     @torch.no_grad()
     def compute_experts(self, result: DispatchResult) -> torch.Tensor:
         """The local experts on ``result``: the expert output ``finalize`` expects. Local."""
         return self.experts_kernel(
-            result, self.w13, self.w2, activation=self.activation, out_dtype=self.w13.dtype,
-            quant=self.quant,
+            result, self.w13, self.w2, activation=self.activation,
+            out_dtype=self.handle.spec.combine_dtype, quant=self.quant,
         )
 
     @torch.no_grad()
@@ -291,9 +323,14 @@ class FusedMoE(nn.Module):
     @torch.no_grad()
     def forward_with_router_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`, also returning the router logits ``[prod(x.shape[:-1]), E]``."""
+        dtype = self.declare_handle().spec.combine_dtype
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            self._abort(ValueError(f"x must be [..., {self.hidden_size}], got {got}"))
+            self.manager.abort(ValueError(f"x must be [..., {self.hidden_size}], got {got}"),
+                               handle=self.handle)
+        if x.dtype != dtype:
+            self.manager.abort(TypeError(f"x must have the layer's dtype {dtype}, got {x.dtype}"),
+                               handle=self.handle)
         flat = x.reshape(-1, self.hidden_size)
         logits, weights, ids = self.route(flat)
         result = self.prepare(flat, weights, ids)
@@ -309,9 +346,6 @@ class FusedMoE(nn.Module):
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return routed + shared
-
-    def _abort(self, error: Exception) -> None:
-        self.manager.abort_dispatch(error)
 
     def extra_repr(self) -> str:
         r = self.routing

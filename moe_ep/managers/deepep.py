@@ -4,7 +4,7 @@ Registered so configs can name them and ``available_managers()`` can say why the
 they need the ``deep_ep`` package (PyPI ``sgl-deep-ep``, a CUDA wheel importable only with a
 GPU present; ``deep-ep`` 1.0.0 on PyPI is a source archive that does not build) and CUDA
 devices, and the moe_ep adapter is not written yet. ``availability()`` reports exactly which of
-these is missing; building one raises :class:`~moe_ep.managers.base.ManagerUnavailableError`.
+these is missing; building one raises :class:`~moe_ep.managers.contract.ManagerUnavailableError`.
 There is no fallback implementation behind these names.
 
 When the adapter lands: HT dispatch returns the TOKEN layout with an unweighted combine (the
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_ep.managers.base import Layout, VendorBackendPlaceholder
+from moe_ep.managers.contract import Layout
+from moe_ep.managers.vendor import VendorBackendPlaceholder
 
 __all__ = ["DeepEPHighThroughputManager", "DeepEPLowLatencyManager"]
 

@@ -4,14 +4,15 @@ Registered so configs can name it and ``available_managers()`` can say why it ca
 needs the ``flashinfer`` package and CUDA devices with fabric-handle symmetric memory
 (GB200/GB300 NVL72 with IMEX, or the same-host POSIX-fd fallback), and the moe_ep adapter is
 not written yet. ``availability()`` reports which of these is missing; building it raises
-:class:`~moe_ep.managers.base.ManagerUnavailableError`. There is no fallback implementation.
+:class:`~moe_ep.managers.contract.ManagerUnavailableError`. There is no fallback implementation.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_ep.managers.base import Layout, VendorBackendPlaceholder
+from moe_ep.managers.contract import Layout
+from moe_ep.managers.vendor import VendorBackendPlaceholder
 
 __all__ = ["FlashInferAll2AllVManager"]
 

@@ -4,7 +4,7 @@ Registered so configs can name it and ``available_managers()`` can say why it ca
 needs the ``pplx_kernels`` package (not on PyPI: built from source against CUDA and, across
 nodes, NVSHMEM) and CUDA devices, and the moe_ep adapter is not written yet.
 ``availability()`` reports which of these is missing; building it raises
-:class:`~moe_ep.managers.base.ManagerUnavailableError`. There is no fallback implementation.
+:class:`~moe_ep.managers.contract.ManagerUnavailableError`. There is no fallback implementation.
 
 When the adapter lands it returns EXPERT_PADDED ``[E_local, dp * max, H]`` with a weighted
 combine and int32 ids (REFERENCE.md, "pplx-kernels").
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_ep.managers.base import Layout, VendorBackendPlaceholder
+from moe_ep.managers.contract import Layout
+from moe_ep.managers.vendor import VendorBackendPlaceholder
 
 __all__ = ["PplxManager"]
 

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from moe_ep.managers.base import All2AllManager
+from moe_ep.managers.contract import All2AllManager
 
 if TYPE_CHECKING:
     from moe_ep.distributed.group import GroupCoordinator

@@ -1,31 +1,34 @@
-"""``shm``: sparse dispatch / combine through CPU shared memory (EXPERT_PACKED layout).
+"""`shm`: dispatch / combine through CPU shared memory, for the ranks of one node.
 
-For the ranks of one node (CPU inference, tests). The routing is that of ``alltoallv`` with
-deduplication — a token travels once to each rank owning at least one of its experts — but
-the bytes move through the group's shared-memory segment (:mod:`moe_ep.distributed.shm`)
-instead of gloo sockets, and without staging copies:
+Each per-layer handle owns a shared buffer sized from its `EPSpec` (`max_tokens_per_rank`
+rows per source and destination, two halves so that two results can be live); the transport
+is `moe_ep.distributed.shm_exchange` (protocol: csrc/cpu/shm_ep.h). A dispatch is:
 
-Dispatch (rank ``s``, N tokens, top-k K, W ranks):
+1. plan (`moe_ep.kernels.DispatchPlanner`, one C pass that also validates the ids): the rows
+   for each destination (a token goes once to each rank owning at least one of its experts),
+   their per-slot local ids and weights, and each token's row at each destination;
+2. one small exchange of per-destination counts, an error code and the call's identity;
+3. the transfer: every rank copies its rows, ids and weights straight into each destination's
+   buffer at the offset the counts give, so the receiver's rows are one contiguous block.
 
-1. Locally: the distinct (destination, token) rows, sorted by destination then token, and one
-   routing record per valid (token, k) pair, ``[row_in_destination_chunk * max_local_experts +
-   local_expert, float32 weight bits]`` (two int32).
-2. One shared-memory all-to-all: each rank copies, per destination, its routing records and
-   then the rows ``x[token]`` straight from ``x`` into the destination's part of its slot
-   (indexed copy, no ``index_select`` staging); each rank reads only the parts addressed to
-   it. Sizes travel inside the exchange, so no count all-gather is needed beyond the dispatch
-   header every manager exchanges for its input check.
-3. The receiver decodes the records, orders them stably by local expert and gathers one row
-   per (token, local expert): ``x [R, H]`` in ``tokens_per_expert`` segments, rows of one
-   expert in (source rank, token) order.
+Layouts (option `layout`):
 
-Combine: per received row, the weighted sum of its expert outputs (``sum_e w_e f_e(row)``,
-fp32 accumulation, one rounding) is computed in one pass by a native kernel, sent back with one
-shared-memory all-to-all, and the sender sums the (at most W) returned rows of each token in
-fp32 with the same kernel: ``y[n] = sum_k w[n, k] f_{ids[n, k]}(x[n])``.
+* `token` (default): the result *is* the receiver's block, read in place: `x [M, H]`,
+  `topk_ids [M, K]` local ids (-1 elsewhere), `topk_weights [M, K]` (one row per (token,
+  destination), as DeepEP's normal mode). The experts step applies the weights; combine copies
+  each output row once into the owner's block (nothing when the experts wrote it there), and
+  every source sums its tokens' rows from the owners' blocks in one native pass.
+* `expert_packed`: rows regrouped by local expert (`x [R, H]`, one copy per (token, local
+  expert)); the combine's weighted per-row sums are written straight into the owner's block by
+  the native segment-sum kernel, then summed per token as above.
 
-Bytes per token a rank puts in shared memory for other ranks are those of ``alltoallv`` with
-``dedup=True`` (``d B + 8 p`` dispatch, ``d B`` combine), plus the dispatch header.
+TOKEN is what reaches the memory-bandwidth floor: a token crosses to each destination once and
+is never replicated per expert. Results are views of the handle's buffers: valid until the
+handle's second next dispatch (a third dispatch retires the oldest result; combining it then
+raises on every rank). All sums accumulate in fp32 (fp64 for fp64) and round once.
+
+Bytes per token a rank writes for other ranks: those of deduplicated `alltoallv`
+(`d (B + 8K)` dispatch, `d B` combine), plus one control line per call.
 """
 
 from __future__ import annotations
@@ -35,339 +38,358 @@ from typing import Any, ClassVar
 
 import torch
 
-from moe_ep.managers.base import (
-    _INT32_MAX,
+from moe_ep import kernels
+from moe_ep.managers import protocol
+from moe_ep.managers.accounting import WireBytes
+from moe_ep.managers.contract import (
     All2AllManager,
-    CheckedDispatchInputs,
+    CombineState,
     DispatchResult,
+    EPHandle,
+    EPSpec,
     Layout,
     ManagerUnavailableError,
     check_option_type,
-    expert_placement,
 )
+from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.placement import expert_placement
 
-__all__ = ["ShmAll2AllHandle", "ShmAll2AllManager", "ShmAll2AllOptions"]
+__all__ = ["ShmAll2AllManager", "ShmAll2AllOptions", "ShmHandle", "ShmState"]
 
-# dtypes the native segment-sum kernel handles; others (fp64) use torch.
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LAYOUTS = ("token", "expert_packed")
 
 
 @dataclass(frozen=True)
 class ShmAll2AllOptions:
-    """Options of ``shm``.
+    """Options of `shm`.
 
     Attributes:
-        buffer_bytes: half-slot size of the manager's own segment, used only when the group has
-            no shared-memory communicator (``GroupCoordinator(use_shm=False)``); None = the
-            default of :class:`~moe_ep.distributed.shm.ShmCommunicator`.
+        layout: "token" (default; rows read in place, one per (token, destination)) or
+            "expert_packed" (rows grouped by local expert).
+        max_tokens_per_rank: capacity of the handle a dispatch without a handle gets (grown
+            to a power of two when a call needs more).
     """
 
-    buffer_bytes: int | None = None
+    layout: str = "token"
+    max_tokens_per_rank: int = 256
 
     def __post_init__(self) -> None:
-        if self.buffer_bytes is not None:
-            check_option_type("buffer_bytes", self.buffer_bytes, (int,))
-            if self.buffer_bytes < 4096 or self.buffer_bytes % 4096:
-                raise ValueError(
-                    f"option 'buffer_bytes' must be a positive multiple of 4096, "
-                    f"got {self.buffer_bytes}"
-                )
+        check_option_type("layout", self.layout, (str,))
+        if self.layout not in _LAYOUTS:
+            raise ValueError(f"option 'layout' must be one of {_LAYOUTS}, got {self.layout!r}")
+        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
+        if self.max_tokens_per_rank < 1:
+            raise ValueError(
+                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
 
 
-@dataclass(frozen=True, eq=False)
-class ShmAll2AllHandle:
-    """State the combine needs (shapes as on this rank).
+class ShmHandle(EPHandle):
+    """A layer's shared buffers and per-half routing plans.
 
     Attributes:
-        num_tokens: N, tokens this rank dispatched.
-        hidden: H.
-        dtype: dtype of the dispatched x (wire and output dtype of the combine).
-        send_rows: ``[W]`` rows sent to each rank (one per (token, destination)).
-        recv_rows: ``[W]`` rows received from each rank.
-        packed_rows: R, rows of the dispatched ``x``.
-        row_order, row_offsets, row_weights: CSR of the packed rows by received row
-            (``[R] int64`` packed row ids, ``[received + 1] int64``, ``[R] float32``).
-        token_order, token_offsets: CSR of the sent rows by token (``[S] int64``,
-            ``[N + 1] int64``).
+        buffer: the `ShmExchangeBuffer` (None with one rank); planners: per half b, the
+        `DispatchPlanner` of the dispatch using half b; tokens_per_expert: per half,
+        `[E_local] int64`.
     """
 
-    num_tokens: int
-    hidden: int
-    dtype: torch.dtype
-    send_rows: tuple[int, ...]
-    recv_rows: tuple[int, ...]
-    packed_rows: int
-    row_order: torch.Tensor
-    row_offsets: torch.Tensor
-    row_weights: torch.Tensor
-    token_order: torch.Tensor
-    token_offsets: torch.Tensor
+    def __init__(self, manager: ShmAll2AllManager, spec: EPSpec, index: int) -> None:
+        super().__init__(manager, spec, index)
+        placement = expert_placement(spec.num_experts, manager.world_size)
+        self.num_local = placement.num_local(manager.rank)
+        self.planners = [
+            kernels.DispatchPlanner(placement.owner_cpu, placement.local_index_cpu,
+                                    manager.world_size, spec.topk, spec.max_tokens_per_rank)
+            for _ in range(2)
+        ]
+        self.tokens_per_expert = [torch.zeros(self.num_local, dtype=torch.int64)
+                                  for _ in range(2)]
+        self.buffer = None
+        if manager.world_size > 1:
+            from moe_ep.distributed.shm_exchange import ExchangeGeometry
+
+            geometry = ExchangeGeometry(
+                capacity=spec.max_tokens_per_rank, hidden=spec.hidden, dtype=spec.dtype,
+                topk=spec.topk, scale_cols=spec.scale_cols, out_dtype=spec.combine_dtype)
+            self.buffer = manager.exchange.open_buffer(
+                geometry, f"{manager.group_name}-ep{manager.uid}-h{index}")
+        es = torch.empty((), dtype=spec.combine_dtype).element_size()
+        self.out_row_bytes = spec.hidden * es
+
+    def _release(self) -> None:
+        if self.buffer is not None:
+            self.buffer.destroy()
 
 
-@dataclass(frozen=True, eq=False)
-class _SendPlan:
-    send_token: torch.Tensor  # [S] int64, sorted by destination then token
-    send_rows: tuple[int, ...]  # [W]
-    send_pairs: tuple[int, ...]  # [W]
-    records: torch.Tensor  # [P, 2] int32: code, weight bits; grouped by destination
-    token_offsets: torch.Tensor  # [N + 1] int64: CSR of the sent rows by token
-    token_order: torch.Tensor  # [S] int64
+@dataclass(eq=False)
+class ShmState(CombineState):
+    """What the combine needs (backend-private).
 
+    Attributes:
+        received: M, rows of this rank's block; dst_offset: `[W]` first row of this rank's
+        chunk in each destination's block; packed: the EXPERT_PACKED regrouping, or None.
+    """
 
-def _segment_sum(
-    src: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None
-) -> torch.Tensor:
-    """``out[j] = sum_{t in segment j} weights[t] * src[order[t]]`` in src's dtype, fp32 sums."""
-    if src.dtype in _NATIVE_DTYPES:
-        from moe_ep.distributed.shm import segment_sum
-
-        return segment_sum(src.contiguous(), order, offsets, weights)
-    nseg = offsets.numel() - 1
-    segment = torch.repeat_interleave(torch.arange(nseg), offsets[1:] - offsets[:-1])
-    rows = src.index_select(0, order).to(torch.float64)
-    if weights is not None:
-        rows = rows * weights[:, None].to(torch.float64)
-    out = torch.zeros((nseg, src.shape[1]), dtype=torch.float64)
-    out.index_add_(0, segment, rows)
-    return out.to(src.dtype)
+    received: int = 0
+    dst_offset: tuple[int, ...] = ()
+    recv_counts: tuple[int, ...] = ()
+    packed: Any = None
 
 
 class ShmAll2AllManager(All2AllManager):
-    """Sparse dispatch / combine through CPU shared memory, for the ranks of one node."""
+    """Dispatch / combine through CPU shared memory, for the ranks of one node."""
 
     name: ClassVar[str] = "shm"
-    layout: ClassVar[Layout] = Layout.EXPERT_PACKED
+    layout: Layout = Layout.TOKEN
     options_cls: ClassVar[type] = ShmAll2AllOptions
+    collective_handles: ClassVar[bool] = True
+    max_live_results: ClassVar[int] = 2
 
     @classmethod
     def availability(cls, topology: Any) -> tuple[bool, str]:
         from moe_ep.distributed.shm import ShmCommunicator
 
-        device = str(getattr(topology, "device", "cpu"))
-        if device != "cpu":
-            return False, f"CPU shared memory only (this topology's device is {device!r})"
-        if getattr(topology, "internode", False):
+        if topology.device != "cpu":
+            return False, f"CPU shared memory only (this topology's device is {topology.device!r})"
+        if topology.internode:
             return False, "needs every rank on one node (this topology spans several nodes)"
-        ok, reason = ShmCommunicator.available()
-        if not ok:
-            return False, reason
-        return True, "CPU ranks on one node: data moves through a shared-memory segment"
+        for ok, reason in (ShmCommunicator.available(), kernels.available()):
+            if not ok:
+                return False, reason
+        return True, "CPU ranks on one node: rows move through shared-memory buffers"
 
     def __init__(self, group: Any, **options: Any) -> None:
         super().__init__(group, **options)
-        self._placement_tables: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-        self._comm = None
-        self._own_comm = None
-        if self.world_size == 1:
-            return
+        self.layout = Layout(self.options.layout)
+        self.implicit_capacity = self.options.max_tokens_per_rank
+        self.exchange = None
+        self._sent: tuple[EPSpec, tuple[int, ...]] | None = None
+        self._returned: tuple[EPSpec, tuple[int, ...]] | None = None
         if torch.device(group.device).type != "cpu":
             raise ManagerUnavailableError(
-                f"manager 'shm' needs a CPU group, group {self.group_name!r} is on {group.device}"
-            )
-        comm = getattr(group, "shm", None)
-        if comm is None:
-            from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
+                f"manager 'shm' needs a CPU group, group {self.group_name!r} is on {group.device}")
+        ok, reason = kernels.available()
+        if not ok:
+            raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
+        if self.world_size == 1:
+            return
+        from moe_ep.distributed.shm import ShmUnavailableError
+        from moe_ep.distributed.shm_exchange import ShmExchange
 
-            ok, reason = ShmCommunicator.available()
-            if not ok:
-                raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
-            kwargs = {}
-            if self.options.buffer_bytes is not None:
-                kwargs["buffer_bytes"] = self.options.buffer_bytes
-            try:
-                # Collective: every rank of the group builds the manager.
-                comm = ShmCommunicator(
-                    group.cpu_group, self.rank, self.world_size, f"{self.group_name}-a2a", **kwargs
-                )
-            except ShmUnavailableError as e:
-                raise ManagerUnavailableError(f"manager 'shm' is unavailable: {e}") from e
-            self._own_comm = comm
-        self._comm = comm
+        try:
+            self.exchange = ShmExchange(group.cpu_group, self.rank, self.world_size,
+                                        f"{self.group_name}-ep{self.uid}",
+                                        timeout_s=group.timeout_s)
+        except ShmUnavailableError as e:  # raised on every rank alike
+            raise ManagerUnavailableError(f"manager 'shm' is unavailable: {e}") from e
+
+    def checks_ids_in_python(self, x: object) -> bool:
+        return False  # the native planner validates them in the same pass
+
+    def _create_handle(self, spec: EPSpec, index: int) -> ShmHandle:
+        return ShmHandle(self, spec, index)
 
     def destroy(self) -> None:
-        """Free the handles and the manager's own segment, if it made one (idempotent)."""
-        if self._own_comm is not None:
-            self._own_comm.destroy()
-            self._own_comm = None
-        self._comm = None
+        """Free the handles and the exchange (idempotent). Peers still waiting on this rank
+        fail at once instead of timing out."""
+        if self.destroyed:
+            return
+        if self.exchange is not None:
+            self.exchange.post_destroyed(self._calls + 1)
         super().destroy()
+        if self.exchange is not None:
+            self.exchange.destroy()
+            self.exchange = None
 
-    # ---- planning (local, before the header) -------------------------------------------------
+    # ---- failures ------------------------------------------------------------------------
 
-    def _tables(self, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Owner rank and local index of every expert ``[E] int64``, max and own local count."""
-        tables = self._placement_tables.get(num_experts)
-        if tables is None:
-            placement = expert_placement(num_experts, self.world_size)
-            owner = placement.owner_table()
-            local = torch.arange(num_experts) - torch.tensor(placement.starts)[owner]
-            tables = (owner, local, placement.max_local, placement.num_local(self.rank))
-            self._placement_tables[num_experts] = tables
-        return tables
+    def _transport_failed(self, error: BaseException) -> None:
+        self._mark_broken(f"its shared-memory exchange failed: {error}")
 
-    def _plan(self, checked: CheckedDispatchInputs) -> tuple[list[int], _SendPlan]:
-        from moe_ep.distributed.shm import _lib
+    def _fail_unrouted(self, error: BaseException) -> None:
+        """A rank that cannot name the handle its peers wait on aborts the exchange: they
+        raise ShmError with this message at once; the manager is unusable afterwards."""
+        if self.exchange is not None and not self.destroyed:
+            self.exchange.abort(f"rank {self.rank}: {type(error).__name__}: {error}")
+            self._mark_broken(f"rank {self.rank} aborted it: {error}")
+        raise error
 
-        w_size = self.world_size
-        ids, n, k = checked.topk_ids, checked.num_tokens, checked.topk
-        owner, local, max_local, _ = self._tables(checked.num_experts)
-        send_rows = torch.empty(w_size, dtype=torch.int64)
-        send_pairs = torch.empty(w_size, dtype=torch.int64)
-        send_token = torch.empty(n * min(k, w_size), dtype=torch.int64)
-        records = torch.empty((n * k, 2), dtype=torch.int32)
-        token_offsets = torch.empty(n + 1, dtype=torch.int64)
-        token_order = torch.empty(n * min(k, w_size), dtype=torch.int64)
-        rc = _lib().shm_moe_plan(
-            ids.data_ptr(), checked.topk_weights.data_ptr(), n, k, owner.data_ptr(),
-            local.data_ptr(), w_size, max_local, send_rows.data_ptr(), send_pairs.data_ptr(),
-            send_token.data_ptr(), records.data_ptr(), token_offsets.data_ptr(),
-            token_order.data_ptr(),
-        )
-        if rc:
-            raise MemoryError("shm manager: out of memory while planning the dispatch")
-        rows_list, pairs_list = send_rows.tolist(), send_pairs.tolist()
-        if max(rows_list, default=0) * max_local > _INT32_MAX:
-            raise ValueError(
-                f"shm cannot encode {max(rows_list)} rows per destination with {max_local} "
-                "local experts in int32; dispatch fewer tokens per call"
-            )
-        total_rows, total_pairs = sum(rows_list), sum(pairs_list)
-        return [], _SendPlan(
-            send_token=send_token[:total_rows],
-            send_rows=tuple(rows_list),
-            send_pairs=tuple(pairs_list),
-            records=records[:total_pairs],
-            token_offsets=token_offsets,
-            token_order=token_order[:total_rows],
-        )
+    # ---- dispatch ------------------------------------------------------------------------
 
-    # ---- the contract -------------------------------------------------------------------------
-
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        *,
-        num_experts: int,
-    ) -> DispatchResult:
-        """Send each token's row once to every rank owning one of its experts.
-
-        Returns an EXPERT_PACKED result: ``x [R, H]`` one row per (token, local expert) in
-        ``tokens_per_expert [E_local] int64`` segments; ``topk_ids [R] int64`` local expert of
-        each row; ``topk_weights [R] float32`` its router weight (applied by the combine).
-        """
-        from moe_ep.distributed.shm import _lib
-
-        counter = self._new_counter()
-        w_size = self.world_size
-        checked, _headers, plan = self._checked_dispatch(
-            x, topk_weights, topk_ids, num_experts, counter, plan=self._plan
-        )
-        hidden, es = checked.hidden, checked.x.element_size()
-        row_ids = list(plan.send_token.split(list(plan.send_rows)))
-        heads = list(plan.records.split(list(plan.send_pairs)))
-        if w_size == 1:
-            recv_flat = checked.x.index_select(0, plan.send_token)
-            recv_rows = plan.send_rows
-            records = [plan.records]
-        else:
-            exchange = self._comm.all_to_all_rows(checked.x, row_ids, heads)
-            recv_flat = exchange.flat
-            recv_rows = tuple(r.shape[0] for r in exchange.rows)
-            records = [h.view(torch.int32).view(-1, 2) for h in exchange.heads]
-        counter.to_others(
-            [r * hidden * es for r in plan.send_rows], [p * 8 for p in plan.send_pairs]
-        )
-
-        _, _, max_local, num_local = self._tables(checked.num_experts)
-        all_records = (records[0] if len(records) == 1 else torch.cat(records)).contiguous()
-        total = all_records.shape[0]
-        pairs_per_src = torch.tensor([r.shape[0] for r in records], dtype=torch.int64)
-        rows_per_src = torch.tensor(recv_rows, dtype=torch.int64)
-        packed_row = torch.empty(total, dtype=torch.int64)
-        packed_weight = torch.empty(total, dtype=torch.float32)
-        packed_local = torch.empty(total, dtype=torch.int64)
-        tokens_per_expert = torch.empty(num_local, dtype=torch.int64)
-        row_offsets = torch.empty(sum(recv_rows) + 1, dtype=torch.int64)
-        row_order = torch.empty(total, dtype=torch.int64)
-        row_weights = torch.empty(total, dtype=torch.float32)
-        rc = _lib().shm_moe_decode(
-            all_records.data_ptr(), pairs_per_src.data_ptr(),
-            rows_per_src.data_ptr(), len(records), max_local, num_local, packed_row.data_ptr(),
-            packed_weight.data_ptr(), packed_local.data_ptr(), tokens_per_expert.data_ptr(),
-            row_offsets.data_ptr(), row_order.data_ptr(), row_weights.data_ptr(),
-        )
-        if rc:
-            raise RuntimeError(f"shm manager: corrupt routing records received (code {rc})")
-        handle = ShmAll2AllHandle(
-            num_tokens=checked.num_tokens,
-            hidden=hidden,
-            dtype=checked.x.dtype,
-            send_rows=plan.send_rows,
-            recv_rows=recv_rows,
-            packed_rows=total,
-            row_order=row_order,
-            row_offsets=row_offsets,
-            row_weights=row_weights,
-            token_order=plan.token_order,
-            token_offsets=plan.token_offsets,
-        )
-        self.last_dispatch_bytes = counter.freeze()
-        return DispatchResult(
-            layout=Layout.EXPERT_PACKED,
-            x=recv_flat.index_select(0, packed_row),
-            x_scales=None,
-            topk_ids=packed_local,
-            topk_weights=packed_weight,
-            tokens_per_expert=tokens_per_expert,
-            handle=handle,
-        )
-
-    def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
-        """Weight and sum per received row, send back, sum per token: ``[N, H]``."""
-        handle = self._combine_checks(
-            expert_out, result, ShmAll2AllHandle, lambda h: h.packed_rows,
-            "one row per dispatched (token, expert) row",
-        )
-        if expert_out.device.type != "cpu":
-            raise ValueError(f"expert_out must be a CPU tensor, got one on {expert_out.device}")
-        counter = self._new_counter()
-        out = expert_out.to(handle.dtype).contiguous()
-        # Partial sums per received row (the experts of that token on this rank), one rounding.
-        partial = _segment_sum(out, handle.row_order, handle.row_offsets, handle.row_weights)
+    def _dispatch(self, call: int, handle: EPHandle | None, checked: CheckedInputs | None,
+                  error: Exception | None) -> DispatchResult:
+        if not isinstance(handle, ShmHandle) or handle.destroyed or (
+            self.world_size > 1 and self.exchange is None
+        ):
+            self._fail_unrouted(error or RuntimeError("dispatch: no usable handle"))
+        seq = handle.dispatches
+        handle.dispatches += 1
+        half = seq & 1
+        planner = handle.planners[half]
+        if error is None:
+            try:
+                planner.plan(checked.topk_ids, checked.topk_weights)
+            except ValueError as exc:
+                error = exc
         if self.world_size == 1:
-            back = partial
-        else:
-            back = self._comm.all_to_all_single(partial, list(handle.recv_rows))
-        es = torch.empty((), dtype=handle.dtype).element_size()
-        counter.to_others([r * handle.hidden * es for r in handle.recv_rows])
-        y = _segment_sum(back, handle.token_order, handle.token_offsets, None)
-        self.last_combine_bytes = counter.freeze()
+            if error is not None:
+                raise error
+            return self._dispatch_local(call, seq, handle, checked, planner)
+        # A third live result would overwrite this half: retire the oldest (it becomes stale).
+        while len(handle.live) >= self.max_live_results:
+            handle.buffer.retire(handle.live.pop(0))
+        code = protocol.error_code(error)
+        try:
+            outcome = handle.buffer.dispatch(
+                call, seq, code, checked.x if code == 0 else None, planner,
+                checked.x_scales if code == 0 else None)
+        except Exception as exc:
+            self._transport_failed(exc)
+            raise
+        protocol.raise_for_errors(self, "dispatch", outcome.peer_err, error)
+        handle.live.append(seq)
+        received = sum(outcome.recv_counts)
+        buf = handle.buffer
+        ids, weights = buf.ids[half][:received], buf.weights[half][:received]
+        scales = buf.scales[half]
+        state = ShmState(self, handle, call, seq, checked.num_tokens, (received,),
+                         received=received, dst_offset=outcome.dst_offset,
+                         recv_counts=outcome.recv_counts)
+        self._sent = (handle.spec, tuple(planner.send_counts.tolist()))
+        return self._result(state, buf.x[half][:received], ids, weights,
+                            None if scales is None else scales[:received],
+                            handle.tokens_per_expert[half])
+
+    def _dispatch_local(self, call: int, seq: int, handle: ShmHandle, checked: CheckedInputs,
+                        planner: kernels.DispatchPlanner) -> DispatchResult:
+        """One rank: the rows are the tokens with an expert (copies, nothing to exchange)."""
+        handle.live.append(seq)
+        del handle.live[: -self.max_live_results]
+        m = int(planner.send_counts[0])
+        rows = planner.send_token[:m]
+        state = ShmState(self, handle, call, seq, checked.num_tokens, (m,), received=m,
+                         dst_offset=(0,))
+        scales = None if checked.x_scales is None else checked.x_scales.index_select(0, rows)
+        return self._result(state, checked.x.index_select(0, rows), planner.row_ids[:m].clone(),
+                            planner.row_weights[:m].clone(), scales,
+                            handle.tokens_per_expert[seq & 1])
+
+    def _result(self, state: ShmState, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                scales: torch.Tensor | None, tpe: torch.Tensor) -> DispatchResult:
+        num_local = state.handle.num_local
+        if self.layout is Layout.TOKEN:
+            kernels.count_experts(ids, num_local, out=tpe)
+            return DispatchResult(Layout.TOKEN, x, scales, ids, weights, tpe, state)
+        packed = kernels.packed_layout(ids, weights, num_local)
+        state.packed = packed
+        state.rows = (int(packed.packed_row.numel()),)
+        return DispatchResult(
+            Layout.EXPERT_PACKED, kernels.gather_rows(x, packed.packed_row),
+            None if scales is None else kernels.gather_rows(scales, packed.packed_row),
+            packed.packed_local, packed.packed_weight, packed.tokens_per_expert, state,
+        )
+
+    # ---- combine -------------------------------------------------------------------------
+
+    def _combine(self, call: int, state: CombineState | None, expert_out: torch.Tensor | None,
+                 error: Exception | None) -> torch.Tensor:
+        if not isinstance(state, ShmState) or state.handle.destroyed or (
+            self.world_size > 1 and self.exchange is None
+        ):
+            self._fail_unrouted(error or RuntimeError("combine: no usable result"))
+        handle: ShmHandle = state.handle
+        code = protocol.error_code(error)
+        if error is not None and state.seq not in handle.live and self.world_size > 1:
+            # A stale result: post the call (peers waiting in another combine of this handle
+            # see the mismatch at once and abort) but wait for nobody; when every rank passes
+            # the same stale result they all just raise, and the live results stay usable.
+            try:
+                handle.buffer.combine(call, state.seq, code, None)
+            except Exception as exc:
+                self._transport_failed(exc)
+                raise
+            raise error
+        self._finish(state)
+        half = state.seq & 1
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return self._combine_sum(state, handle, expert_out, [expert_out.data_ptr()])
+        out = None
+        if error is None:
+            out = expert_out
+            if self.layout is Layout.EXPERT_PACKED:
+                # Weighted partial sum per received row, written straight into this rank's
+                # block where the sources read it.
+                block = handle.buffer.out[half][: state.received]
+                p = state.packed
+                kernels.segment_sum(expert_out, p.row_order, p.row_offsets, p.row_weight,
+                                    out=block)
+                out = block
+        try:
+            codes = handle.buffer.combine(call, state.seq, code, out)
+        except Exception as exc:
+            self._transport_failed(exc)
+            raise
+        protocol.raise_for_errors(self, "combine", codes, error)
+        self._returned = (handle.spec, state.recv_counts)
+        bases, offsets = handle.buffer.owner_bases(state.seq)
+        orb = handle.out_row_bytes
+        ptrs = [bases[d] + offsets[d] * orb for d in range(self.world_size)]
+        if out.data_ptr() != handle.buffer.out[half].data_ptr():
+            # This rank's own rows were not copied into its block: sum them from `out`.
+            ptrs[self.rank] = out.data_ptr() + offsets[self.rank] * orb
+        try:
+            return self._combine_sum(state, handle, out, ptrs)
+        finally:
+            handle.buffer.combine_done(state.seq)
+
+    def _combine_sum(self, state: ShmState, handle: ShmHandle, out: torch.Tensor,
+                     ptrs: list[int]) -> torch.Tensor:
+        planner = handle.planners[state.seq & 1]
+        spec = handle.spec
+        if self.world_size == 1 and self.layout is Layout.EXPERT_PACKED:
+            p = state.packed
+            out = kernels.segment_sum(out, p.row_order, p.row_offsets, p.row_weight)
+            ptrs = [out.data_ptr()]
+        y = torch.empty((state.num_tokens, spec.hidden), dtype=spec.combine_dtype)
+        kernels.gather_sum(y, ptrs, planner.send_counts, planner.token_rows[: state.num_tokens])
         return y
 
-    # ---- cost model --------------------------------------------------------------------------
+    # ---- wire accounting -----------------------------------------------------------------
+
+    @property
+    def last_dispatch_bytes(self) -> WireBytes:
+        """Rows, ids (int64) and weights written for other ranks, and the control header."""
+        if self._sent is None or self.world_size == 1:
+            return WireBytes()
+        spec, counts = self._sent
+        counter = self._new_counter()
+        counter.header_exchange(8 * (3 + self.world_size))
+        counter.to_others([n * spec.row_bytes() for n in counts],
+                          [n * 12 * spec.topk for n in counts])
+        return counter.freeze()
+
+    @property
+    def last_combine_bytes(self) -> WireBytes:
+        """Output rows of the other sources' tokens, and the error word."""
+        if self._returned is None or self.world_size == 1:
+            return WireBytes()
+        spec, recv = self._returned
+        counter = self._new_counter()
+        counter.header_exchange(8)
+        es = torch.empty((), dtype=spec.combine_dtype).element_size()
+        counter.to_others([n * spec.hidden * es for n in recv])
+        return counter.freeze()
+
+    # ---- cost model ----------------------------------------------------------------------
 
     @classmethod
-    def wire_bytes_per_token(
-        cls,
-        *,
-        world_size: int,
-        hidden: int,
-        elem_size: int,
-        topk: int,
-        num_experts: int,
-        **options: Any,
-    ) -> float:
-        """Expected bytes per token for uniform random routing: those of deduplicated
-        ``alltoallv`` (the same rows and records cross between ranks)."""
+    def wire_bytes_per_token(cls, *, world_size: int, hidden: int, elem_size: int, topk: int,
+                             num_experts: int, **options: Any) -> float:
+        """Those of deduplicated `alltoallv` (the same rows and metadata cross ranks)."""
         from moe_ep.managers.alltoallv import AllToAllVManager
 
         return AllToAllVManager.wire_bytes_per_token(
-            world_size=world_size,
-            hidden=hidden,
-            elem_size=elem_size,
-            topk=topk,
-            num_experts=num_experts,
-            dedup=True,
-        )
+            world_size=world_size, hidden=hidden, elem_size=elem_size, topk=topk,
+            num_experts=num_experts, dedup=True)
+

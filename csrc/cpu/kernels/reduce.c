@@ -1,0 +1,139 @@
+/*
+ * Weighted row sums and row gathers of the combine (and of the EXPERT_PACKED unpack). One
+ * kernel body per accumulator type, instantiated per dtype with MOE_FOR_EACH_DTYPE; the hidden
+ * dimension is cut in blocks so that the accumulator stays in L1.
+ */
+#include <string.h>
+
+#include "../dtype.h"
+#include "moe_kernels.h"
+
+#define HBLOCK 1024 /* hidden elements per accumulator block */
+
+#define DEFINE_SEGMENT_SUM(CODE, SUF, ACC)                                                      \
+  MOE_CLONES static void segment_sum_##SUF(char *out, uint64_t out_stride, uint64_t nseg,       \
+                                           const int64_t *offsets, const int64_t *rows,         \
+                                           const float *w, const char *src, uint64_t hidden,    \
+                                           size_t es) {                                         \
+    ACC acc[HBLOCK];                                                                            \
+    for (uint64_t j = 0; j < nseg; ++j) {                                                       \
+      for (uint64_t h0 = 0; h0 < hidden; h0 += HBLOCK) {                                        \
+        const uint64_t m = hidden - h0 < HBLOCK ? hidden - h0 : HBLOCK;                         \
+        for (uint64_t i = 0; i < m; ++i) acc[i] = 0;                                            \
+        for (int64_t t = offsets[j]; t < offsets[j + 1]; ++t) {                                 \
+          const ACC wt = w ? (ACC)w[t] : (ACC)1;                                                \
+          const char *s = src + ((uint64_t)rows[t] * hidden + h0) * es;                         \
+          for (uint64_t i = 0; i < m; ++i) acc[i] += wt * (ACC)MOE_LOAD_##SUF(s, i);            \
+        }                                                                                       \
+        char *o = out + (j * out_stride + h0) * es;                                             \
+        for (uint64_t i = 0; i < m; ++i) MOE_STORE_##SUF(o, i, acc[i]);                         \
+      }                                                                                         \
+    }                                                                                           \
+  }
+
+#define DEFINE_GATHER_SUM(CODE, SUF, ACC)                                                       \
+  MOE_CLONES static void gather_sum_##SUF(char *out, uint64_t n, int64_t nsrc,                  \
+                                          const void *const *bases, const int64_t *rows,        \
+                                          uint64_t hidden, size_t es) {                         \
+    ACC acc[HBLOCK];                                                                            \
+    for (uint64_t r = 0; r < n; ++r) {                                                          \
+      const int64_t *rr = rows + r * (uint64_t)nsrc;                                            \
+      for (uint64_t h0 = 0; h0 < hidden; h0 += HBLOCK) {                                        \
+        const uint64_t m = hidden - h0 < HBLOCK ? hidden - h0 : HBLOCK;                         \
+        for (uint64_t i = 0; i < m; ++i) acc[i] = 0;                                            \
+        for (int64_t d = 0; d < nsrc; ++d) {                                                    \
+          if (rr[d] < 0) continue;                                                              \
+          const char *s = (const char *)bases[d] + ((uint64_t)rr[d] * hidden + h0) * es;        \
+          for (uint64_t i = 0; i < m; ++i) acc[i] += (ACC)MOE_LOAD_##SUF(s, i);                 \
+        }                                                                                       \
+        char *o = out + (r * hidden + h0) * es;                                                 \
+        for (uint64_t i = 0; i < m; ++i) MOE_STORE_##SUF(o, i, acc[i]);                         \
+      }                                                                                         \
+    }                                                                                           \
+  }
+
+MOE_FOR_EACH_DTYPE(DEFINE_SEGMENT_SUM)
+MOE_FOR_EACH_DTYPE(DEFINE_GATHER_SUM)
+
+static size_t dtype_size(int dtype) {
+  switch (dtype) {
+    case MOE_F32: return 4;
+    case MOE_BF16: return 2;
+    case MOE_F16: return 2;
+    case MOE_F64: return 8;
+    default: return 0;
+  }
+}
+
+int moe_segment_sum(int dtype, void *out, uint64_t out_stride, uint64_t nseg,
+                    const int64_t *offsets, const int64_t *rows, uint64_t num_rows,
+                    const float *weights, const void *src, uint64_t src_rows, uint64_t hidden,
+                    int64_t *bad) {
+  const size_t es = dtype_size(dtype);
+  if (!es) return MOE_ERR_DTYPE;
+  /* Validate every index before touching memory: a stale or foreign plan must raise, not read
+   * another tensor's bytes. */
+  if (offsets[0] < 0) {
+    bad[0] = 0;
+    return MOE_ERR_BOUNDS;
+  }
+  for (uint64_t j = 0; j < nseg; ++j) {
+    if (offsets[j + 1] < offsets[j] || (uint64_t)offsets[j + 1] > num_rows) {
+      bad[0] = (int64_t)j + 1;
+      return MOE_ERR_BOUNDS;
+    }
+  }
+  const uint64_t last = nseg ? (uint64_t)offsets[nseg] : 0;
+  for (uint64_t t = (uint64_t)offsets[0]; t < last; ++t) {
+    if (rows[t] < 0 || (uint64_t)rows[t] >= src_rows) {
+      bad[0] = (int64_t)t;
+      return MOE_ERR_BOUNDS;
+    }
+  }
+  switch (dtype) {
+#define CASE(CODE, SUF, ACC)                                                                     \
+  case CODE:                                                                                    \
+    segment_sum_##SUF((char *)out, out_stride, nseg, offsets, rows, weights, (const char *)src, \
+                      hidden, es);                                                              \
+    break;
+    MOE_FOR_EACH_DTYPE(CASE)
+#undef CASE
+  }
+  return MOE_OK;
+}
+
+int moe_gather_sum(int dtype, void *out, uint64_t n, int64_t nsrc, const void *const *bases,
+                   const int64_t *src_rows, const int64_t *rows, uint64_t hidden, int64_t *bad) {
+  const size_t es = dtype_size(dtype);
+  if (!es) return MOE_ERR_DTYPE;
+  for (uint64_t i = 0; i < n * (uint64_t)nsrc; ++i) {
+    const int64_t r = rows[i];
+    if (r < -1 || (r >= 0 && r >= src_rows[i % (uint64_t)nsrc])) {
+      bad[0] = (int64_t)i;
+      return MOE_ERR_BOUNDS;
+    }
+  }
+  switch (dtype) {
+#define CASE(CODE, SUF, ACC)                                                                     \
+  case CODE:                                                                                    \
+    gather_sum_##SUF((char *)out, n, nsrc, bases, rows, hidden, es);                            \
+    break;
+    MOE_FOR_EACH_DTYPE(CASE)
+#undef CASE
+  }
+  return MOE_OK;
+}
+
+int moe_gather_rows(void *out, const void *src, const int64_t *rows, uint64_t n,
+                    uint64_t src_rows, uint64_t row_bytes, int64_t *bad) {
+  for (uint64_t i = 0; i < n; ++i) {
+    if (rows[i] < 0 || (uint64_t)rows[i] >= src_rows) {
+      bad[0] = (int64_t)i;
+      return MOE_ERR_BOUNDS;
+    }
+  }
+  for (uint64_t i = 0; i < n; ++i)
+    memcpy((char *)out + i * row_bytes, (const char *)src + (uint64_t)rows[i] * row_bytes,
+           row_bytes);
+  return MOE_OK;
+}

@@ -1,0 +1,115 @@
+/*
+ * The expert-parallel token exchange over shared memory (shm_ep.c): the transport behind the
+ * `shm` All2All manager.
+ *
+ * One manager owns one moe_ep segment (shm.h) whose user region holds the control words below;
+ * each per-layer handle owns a data segment (mapped by Python) registered in a slot. Per handle
+ * and receiver rank r the data segment holds two halves (dispatch seq & 1, so two results can be
+ * live), each:
+ *
+ *   x       [W * cap, row_bytes]      rows received by r: source 0's chunk, then source 1's, ...
+ *   ids     [W * cap, k] int64        local expert of each slot, -1 elsewhere (TOKEN layout)
+ *   weights [W * cap, k] float32      router weights, 0 where ids is -1
+ *   scales  [W * cap, scale_bytes]    quantisation scales (scale_bytes may be 0)
+ *   out     [W * cap, out_row_bytes]  expert outputs written in place by r (aliases x when
+ *                                     out_row_bytes == row_bytes)
+ *
+ * Dispatch seq q (half b = q & 1; every stamp below is half b's), one small exchange, then the
+ * transfer:
+ *   1. flow control: every rank's DONE >= q - 1 (combine q - 2 finished reading half b);
+ *   2. publish dh[b] = {seq, error, tokens, rows per destination} and COUNTS = q + 1; wait for
+ *      every peer's; any error => every rank returns SHM_EP_REMOTE (nothing was written);
+ *   3. copy rows, ids, weights, scales to each destination at the offset the counts give
+ *      (sum of the lower sources' counts), publish DATA = q + 1, wait for every peer's.
+ * Combine seq q: copy the expert outputs of the other sources' rows into out (unless the caller
+ * computed them there), publish cerr[b] and OUT = q + 1, wait for every peer's; the caller then
+ * sums its tokens from every owner's out and publishes DONE = q + 1.
+ *
+ * Every rank posts `cur` = (call number, slot, op, seq) when it enters a call, so a waiting rank
+ * notices at once when a peer made a different call (skipped a combine, used another handle,
+ * destroyed the manager) and the group is aborted with a message naming both calls, instead of
+ * waiting for the timeout. Stamps are 32-bit and compared with wrap-around arithmetic.
+ */
+#ifndef MOE_EP_SHM_EP_H
+#define MOE_EP_SHM_EP_H
+
+#include "shm.h"
+
+#define SHM_EP_MAX_SLOTS 32
+#define SHM_EP_REMOTE 1 /* a rank posted an error: see peer_err */
+
+enum { SHM_EP_OP_DISPATCH = 1, SHM_EP_OP_COMBINE = 2, SHM_EP_OP_DESTROYED = 3 };
+
+typedef struct {
+  _Alignas(64) _Atomic uint64_t cur; /* (call number << 32) | (slot << 27) | (op << 25) | seq */
+  _Atomic uint32_t waiters;          /* peers sleeping on this rank's stamps */
+} shm_ep_rank_ctl;
+
+typedef struct {
+  uint64_t seq;
+  int64_t err;
+  int64_t ntok;
+  int64_t counts[SHM_MAX_RANKS]; /* rows for each destination */
+} shm_ep_hdr;
+
+/* Stamps, per half: a dispatch seq q and its combine use half q & 1 only, so the two live
+ * results of a handle can be combined in either order; within a half, seqs only grow. */
+enum { SHM_EP_COUNTS = 0, SHM_EP_DATA = 1, SHM_EP_OUT = 2, SHM_EP_DONE = 3 };
+
+typedef struct {
+  _Alignas(64) _Atomic uint32_t stamp[4][2]; /* [SHM_EP_*][half]: last seq + 1 published */
+  _Alignas(64) shm_ep_hdr dh[2];
+  _Alignas(64) int64_t cerr[2];
+} shm_ep_slot_ctl;
+
+typedef struct {
+  uint64_t cap;           /* rows one source may send to one destination (max tokens per rank) */
+  uint64_t row_bytes;     /* bytes of one dispatched row */
+  uint64_t k;             /* top-k */
+  uint64_t scale_bytes;   /* bytes of one row's scales (0: unquantised) */
+  uint64_t out_row_bytes; /* bytes of one expert-output row */
+} shm_ep_geometry;
+
+typedef struct shm_ep shm_ep;
+
+/* Per call (ctypes structures mirror these in moe_ep/distributed/shm_exchange.py). */
+typedef struct {
+  uint64_t call;              /* the manager's call number (same on every rank) */
+  uint64_t seq;               /* the handle's dispatch number */
+  int64_t err;                /* this rank's input error code (0: none) */
+  int64_t ntok;               /* tokens this rank dispatches */
+  const int64_t *send_counts; /* [W] rows for each destination */
+  const int64_t *send_token;  /* [S] token of each row, destination-major */
+  const char *x;              /* [ntok, row_bytes] */
+  const int64_t *row_ids;     /* [S, k] */
+  const float *row_weights;   /* [S, k] */
+  const char *scales;         /* [ntok, scale_bytes] or NULL */
+  int64_t *recv_counts;       /* out [W]: rows received from each source */
+  int64_t *dst_offset;        /* out [W]: first row of this rank's chunk at each destination */
+  int64_t *peer_err;          /* out [W]: the error code each rank posted */
+} shm_ep_dispatch_args;
+
+typedef struct {
+  uint64_t call, seq;
+  int64_t err;
+  const char *out;  /* [M, out_row_bytes] expert outputs of the rows received, or NULL on error */
+  int64_t *peer_err; /* out [W] */
+} shm_ep_combine_args;
+
+SHM_API uint64_t shm_ep_control_bytes(int world);
+SHM_API shm_ep *shm_ep_attach(shm_handle *h);
+SHM_API void shm_ep_detach(shm_ep *ep);
+SHM_API uint64_t shm_ep_data_bytes(int world, const shm_ep_geometry *g);
+SHM_API int shm_ep_register(shm_ep *ep, int slot, const shm_ep_geometry *g, void *base);
+SHM_API int shm_ep_unregister(shm_ep *ep, int slot);
+/* Address of one region of (receiver, half): which = 0 x, 1 ids, 2 weights, 3 scales, 4 out. */
+SHM_API void *shm_ep_region(shm_ep *ep, int slot, int receiver, int half, int which);
+SHM_API int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a);
+SHM_API int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a);
+SHM_API int shm_ep_combine_done(shm_ep *ep, int slot, uint64_t seq);
+/* Mark dispatch `seq` finished without a combine (its result was retired or failed). */
+SHM_API int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq);
+/* Tell the peers this rank will make no further call (they fail at once if they wait on it). */
+SHM_API void shm_ep_post_destroyed(shm_ep *ep, uint64_t call);
+
+#endif /* MOE_EP_SHM_EP_H */
