@@ -13,9 +13,11 @@ expert width I and tokens per rank it times, on the same machine state:
   rank): the floor of any layer that computes every pair with this core's GEMM. The rate they
   reach (GFLOP/s) is printed beside them.
 
-Each repetition starts after a barrier and counts the slowest rank. FusedMoE's forward is
-split into its steps (route, prepare = dispatch, experts, finalize = combine, shared), so the
-share spent in dispatch + combine is reported (it includes waiting for the slower rank).
+Every candidate runs once per repetition, in turn (interleaved, so that a machine whose load
+drifts affects them alike), each after a barrier, and counts the slowest rank. FusedMoE's
+forward is split into its steps (route, prepare = dispatch, experts, finalize = combine,
+shared), so the share spent in dispatch + combine is reported (it includes waiting for the
+slower rank).
 
     python bench/bench_fused_moe.py                       # H=1024, E=8, top-2, fp32, I=64,2048
     python bench/bench_fused_moe.py --tokens 16,128 --inter 64 --iters 50 --no-deepspeed
@@ -29,6 +31,7 @@ minute). Timings on a shared or small machine are noisy: compare within one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -73,67 +76,70 @@ def _stats(samples: list[float]) -> dict[str, float]:
             "p90_us": q[-1] * 1e6}
 
 
-def _time_fused(layer, x, group, warmup: int, iters: int) -> dict:
-    total, comm = [], []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            group.barrier()
-            t0 = time.perf_counter()
-            _, w, ids = layer.route(x)
-            t1 = time.perf_counter()
-            res = layer.prepare(x, w, ids)
-            t2 = time.perf_counter()
-            out = layer.compute_experts(res)
-            t3 = time.perf_counter()
-            y = layer.finalize(out, res)
-            t4 = time.perf_counter()
-            layer.add_shared(x, y)
-            t5 = time.perf_counter()
-            if i >= warmup:
-                total.append(t5 - t0)
-                comm.append((t2 - t1) + (t4 - t3))
-    slow = _slowest(group, total)
-    # The dispatch + combine share of the slowest rank's time, per repetition, then the median.
-    share = [c / t for c, t in zip(comm, total)]
-    shares = group.all_gather(torch.tensor([statistics.median(share)]), dim=0).tolist()
-    return {**_stats(slow), "comm_share": max(shares)}
+def _fused_step(layer, x) -> tuple[float, float]:
+    """One forward of ``layer`` on ``x``: (total seconds, seconds in prepare + finalize)."""
+    t0 = time.perf_counter()
+    _, w, ids = layer.route(x)
+    t1 = time.perf_counter()
+    res = layer.prepare(x, w, ids)
+    t2 = time.perf_counter()
+    out = layer.compute_experts(res)
+    t3 = time.perf_counter()
+    y = layer.finalize(out, res)
+    t4 = time.perf_counter()
+    layer.add_shared(x, y)
+    t5 = time.perf_counter()
+    return t5 - t0, (t2 - t1) + (t4 - t3)
 
 
-def _time_deepspeed(moe, x, group, warmup: int, iters: int) -> dict:
-    samples = []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            group.barrier()
-            t0 = time.perf_counter()
-            moe(x)
-            if i >= warmup:
-                samples.append(time.perf_counter() - t0)
-        _, _, dispatch_mask, _ = moe.deepspeed_moe.gate(x)
-    kept = torch.tensor([float(dispatch_mask.sum()), float(x.shape[0] * 2)])
-    kept = group.all_reduce(kept)
-    return {**_stats(_slowest(group, samples)), "dropped_share": 1 - float(kept[0] / kept[1])}
+def _deepspeed_step(moe, x) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    moe(x)
+    return time.perf_counter() - t0, 0.0
 
 
-def _time_matmuls(counts: list[int], w13, w2, group, warmup: int, iters: int) -> dict:
-    """The expert MLPs alone on ``counts[e]`` rows per local expert (slowest rank)."""
+def _matmul_step(xs, w13, w2) -> tuple[float, float]:
+    """The expert MLPs alone on the rows each local expert received."""
     inter = w2.shape[-1]
-    xs = [torch.randn(n, w13.shape[-1]) for n in counts]
-    samples = []
+    t0 = time.perf_counter()
+    for e, x in enumerate(xs):
+        if x.shape[0]:
+            h = x @ w13[e].T
+            (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].T
+    return time.perf_counter() - t0, 0.0
+
+
+def _interleaved(steps: dict, group, warmup: int, iters: int) -> dict:
+    """Time every step once per repetition, in turn, each after a barrier.
+
+    Interleaving gives every candidate the same share of a machine whose load drifts (a
+    shared host), so their ratios hold even when the absolute times do not.
+    """
+    names = list(steps)
+    total = {n: [] for n in names}
+    comm = {n: [] for n in names}
     with torch.no_grad():
         for i in range(warmup + iters):
-            group.barrier()
-            t0 = time.perf_counter()
-            for e, x in enumerate(xs):
-                if x.shape[0]:
-                    h = x @ w13[e].T
-                    (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].T
-            if i >= warmup:
-                samples.append(time.perf_counter() - t0)
-    slow = _slowest(group, samples)
-    # The rate of the busiest rank (most rows), over the slowest rank's median time.
-    busiest = float(group.all_gather(torch.tensor([float(sum(counts))]), dim=0).max())
-    flops = 6 * busiest * w13.shape[-1] * inter
-    return {**_stats(slow), "gflops": flops / statistics.median(slow) / 1e9}
+            for n in names:
+                group.barrier()
+                t, c = steps[n]()
+                if i >= warmup:
+                    total[n].append(t)
+                    comm[n].append(c / t)
+    out = {}
+    for n in names:
+        # A collective is as fast as its slowest rank: per repetition, the largest time.
+        shares = group.all_gather(torch.tensor([statistics.median(comm[n])]), dim=0)
+        out[n] = {**_stats(_slowest(group, total[n])), "comm_share": float(shares.max())}
+    return out
+
+
+def _dropped_share(moe, x, group) -> float:
+    """The share of (token, expert) pairs DeepSpeed's capacity drops (all ranks)."""
+    with torch.no_grad():
+        _, _, dispatch_mask, _ = moe.deepspeed_moe.gate(x)
+    kept = group.all_reduce(torch.tensor([float(dispatch_mask.sum()), float(x.shape[0] * 2)]))
+    return 1 - float(kept[0] / kept[1])
 
 
 def _worker(info, args):
@@ -171,7 +177,8 @@ def _worker(info, args):
                     if name not in args["managers"]:
                         continue
                     mgr = build_manager(name, group)
-                    layer = FusedMoE(experts, topk, hidden, inter, mgr)
+                    layer = FusedMoE(experts, topk, hidden, inter, mgr,
+                                     max_tokens_per_rank=max(args["tokens"]))
                     layer.load_global_weights(gate, w13, w2)
                     layers.append((transport, name, layer))
             ds = None
@@ -189,16 +196,24 @@ def _worker(info, args):
                 with torch.no_grad():
                     res = probe.prepare(x, *probe.route(x)[1:])
                     probe.finalize(probe.compute_experts(res), res)
-                row = {"inter": inter, "tokens": tokens, "fused": {},
-                       "matmuls": _time_matmuls(res.tokens_per_expert.tolist(), probe.w13,
-                                                probe.w2, shm_group, args["warmup"],
-                                                args["iters"])}
-                for transport, name, layer in layers:
-                    row["fused"][f"{SHORT[name]}/{transport}"] = _time_fused(
-                        layer, x, layer.manager.group, args["warmup"], args["iters"])
+                counts = res.tokens_per_expert.tolist()
+                xs = [torch.randn(n, hidden) for n in counts]
+                steps = {f"{SHORT[name]}/{transport}": functools.partial(_fused_step, layer, x)
+                         for transport, name, layer in layers}
                 if ds is not None:
-                    row["deepspeed"] = _time_deepspeed(ds, x, gloo_group, args["warmup"],
-                                                       args["iters"])
+                    steps["deepspeed"] = functools.partial(_deepspeed_step, ds, x)
+                steps["matmuls"] = functools.partial(_matmul_step, xs, probe.w13, probe.w2)
+                timed = _interleaved(steps, shm_group, args["warmup"], args["iters"])
+                busiest = float(shm_group.all_gather(torch.tensor([float(sum(counts))]),
+                                                     dim=0).max())
+                matmuls = timed.pop("matmuls")
+                matmuls["gflops"] = (6 * busiest * hidden * inter
+                                     / (matmuls["median_us"] * 1e-6) / 1e9)
+                row = {"inter": inter, "tokens": tokens, "matmuls": matmuls}
+                if ds is not None:
+                    row["deepspeed"] = {**timed.pop("deepspeed"),
+                                        "dropped_share": _dropped_share(ds, x, gloo_group)}
+                row["fused"] = timed
                 rows.append(row)
                 if info.rank == 0:
                     print(_progress(row), file=sys.stderr, flush=True)
