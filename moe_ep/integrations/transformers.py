@@ -260,22 +260,34 @@ def _convert_block(
         probe = getattr(experts[0], gate_name).weight
     else:
         probe = experts.gate_up_proj
+    device = probe.device
+    if device.type not in ("meta", torch.device(manager.group.device).type):
+        raise ValueError(f"the model's experts are on {device} but the group's device is "
+                         f"{manager.group.device}; move the model there first")
+    # The block's own router module where its output starts with the logits (every 5.x router;
+    # 4.x's nn.Linear gates): same logits, and transformers' output hooks (which record router
+    # logits by router class) still find it. 4.x's DeepSeek-V3 router returns the chosen ids
+    # instead: its weights go into a new Router.
+    reuse_gate = not per_expert or isinstance(block.gate, nn.Linear)
     options = _layer_options(arch, config)
     ep = ExpertParallelMoE(
         manager=manager,
-        # The block's own router module: same logits, and transformers' output hooks (which
-        # record router logits by router class) still find it.
-        gate=block.gate,
+        gate=block.gate if reuse_gate else None,
         shared_experts=getattr(block, arch.shared) if arch.shared else None,
         shared_expert_gate=getattr(block, arch.shared_gate) if arch.shared_gate else None,
         returns_router_logits=per_expert and arch.legacy_tuple,
         dtype=probe.dtype,
-        device=probe.device,
+        device=device,
+        router_dtype=None if reuse_gate else block.gate.weight.dtype,
         **options,
         **layer_kwargs,
     )
-    if probe.device.type == "meta":
+    if device.type == "meta":
         return ep  # weights come from a checkpoint (from_pretrained)
+    if not reuse_gate:
+        ep.gate.weight.copy_(block.gate.weight)
+        if ep.correction_bias:
+            ep.gate.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
     inter = ep.intermediate_size
     for j, e in enumerate(ep.local_experts):
         if per_expert:
