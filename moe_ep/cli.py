@@ -13,82 +13,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 from moe_ep import __version__
 from moe_ep.config import PHASES, Config, ConfigError, SelectionError, load_config, select
-
-EXIT_ERROR = 1  # the command ran but could not do its job (nothing selectable, a backend failed)
-EXIT_USAGE = 2  # bad arguments or files (argparse's convention)
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+from moe_ep.launch import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    CLIError,
+    local_topology,
+    torchrun_topology,
+    under_torchrun,
+)
 
 
 # --------------------------------------------------------------------------- topology
-
-
-def under_torchrun() -> bool:
-    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def local_topology(world_size: int | None = None, *, device: str | None = None,
-                   nodes: int = 1, gpus_per_node: int | None = None,
-                   nvlink: bool | None = None):
-    """The topology of a job of `world_size` ranks on this machine (no processes started).
-
-    Defaults: this machine's device, one rank per GPU on CUDA and 2 ranks on CPU (the
-    `moe-ep bench` default). `nodes` > 1 describes a job spread evenly over that many nodes,
-    `device`/`gpus_per_node`/`nvlink` override what this machine has, for asking "what would
-    this config pick on that hardware" from a laptop.
-    """
-    from moe_ep.distributed.topology import Topology
-
-    here = Topology.detect(None)
-    device = device or here.device
-    gpus = here.gpus_per_node if gpus_per_node is None else gpus_per_node
-    if world_size is None:
-        world_size = (gpus * nodes if device == "cuda" and gpus else 2 * nodes)
-    if world_size < 1:
-        raise CLIError(f"--world-size must be >= 1, got {world_size}")
-    if nodes < 1 or world_size % nodes:
-        raise CLIError(f"--nodes must be >= 1 and divide --world-size {world_size}, got {nodes}")
-    local = world_size // nodes
-    if nvlink is None and device == "cuda" and device == here.device:
-        from moe_ep.distributed.topology import nvlink_all_connected
-
-        nvlink = nvlink_all_connected(min(local, gpus))
-    if device == "cuda" and gpus_per_node is None and here.device != "cuda":
-        gpus = local  # a simulated CUDA job: one rank per GPU
-    return Topology(device=device, world_size=world_size, rank=0, local_world_size=local,
-                    same_node=(True,) * local + (False,) * (world_size - local),
-                    nvlink=nvlink, gpus_per_node=gpus)
-
-
-def _torchrun_topology():
-    """Collective: the topology of the torchrun job (world group)."""
-    import torch.distributed as dist
-
-    from moe_ep.distributed import (
-        destroy_model_parallel,
-        get_world_group,
-        init_distributed,
-        initialize_model_parallel,
-    )
-    from moe_ep.distributed.topology import Topology
-
-    init_distributed()
-    try:
-        initialize_model_parallel()
-        return Topology.detect(get_world_group())
-    finally:
-        # Nothing else needs the job's groups: the report is printed from the topology.
-        destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def _availability(topology, assume_available: bool = False) -> dict[str, tuple[bool, str]]:
@@ -120,7 +62,7 @@ def _topology_from_args(args: argparse.Namespace):
     simulated = (args.world_size is not None or args.device is not None or args.nodes != 1
                  or args.gpus_per_node is not None or args.nvlink is not None)
     if under_torchrun() and not simulated:
-        return _torchrun_topology(), "the torchrun job"
+        return torchrun_topology(), "the torchrun job"
     topo = local_topology(args.world_size, device=args.device, nodes=args.nodes,
                           gpus_per_node=args.gpus_per_node, nvlink=args.nvlink)
     note = "described by the command line" if simulated else (
@@ -174,6 +116,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if under_torchrun() and topo.rank != 0:
         return 0
     phases: Sequence[str | None] = PHASES if args.phase == "all" else (args.phase,)
+    if args.json:
+        return _check_config_json(config, topo, phases, avail)
     print(f"config: {config.source}")
     if config.description:
         print(f"  {config.description}")
@@ -183,6 +127,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for phase in phases:
         print()
         status = max(status, _report_phase(config, topo, phase, avail))
+    return status
+
+
+def _check_config_json(config: Config, topo, phases: Sequence[str | None],
+                       avail: Mapping[str, tuple[bool, str]]) -> int:
+    report: dict = {"config": str(config.source), "topology": dataclasses.asdict(topo),
+                    "internode": topo.internode, "phases": {}}
+    status = 0
+    for phase in phases:
+        try:
+            sel = select(config, topo, phase, availability=avail)
+        except SelectionError as exc:
+            report["phases"][str(phase)] = {"selected": None, "error": str(exc)}
+            status = EXIT_ERROR
+            continue
+        report["phases"][str(phase)] = {
+            "selected": sel.name, "options": dict(sel.options), "where": sel.where,
+            "skipped": [{"where": rule.where, "use": rule.use, "why": why}
+                        for rule, why in sel.skipped],
+        }
+    print(json.dumps(report, indent=2, default=str))
     return status
 
 
@@ -237,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"moe-ep {__version__}")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="log what the library decides (INFO level)")
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="log errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("topo", help="show the detected topology and backend availability",
@@ -256,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phase to evaluate (default: all)")
     p.add_argument("--assume-available", action="store_true",
                    help="treat every backend as available (check rule matching only)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_topology_arguments(p)
     p.set_defaults(func=cmd_check_config)
 
@@ -274,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("moe_ep").setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moe-ep` console script; returns the exit status."""
     try:
@@ -281,10 +258,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         args.argv = argv  # recorded in benchmark results as the command that made them
+        _configure_logging(args)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`moe-ep topo | head -1`): stop quietly, as Unix tools do.
+        # Python would report the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (CLIError, ConfigError) as exc:
         print(f"moe-ep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -268,21 +268,7 @@ def _registry_names() -> tuple[tuple[str, ...], dict[str, str]]:
     backend registered there is accepted by configs without touching this file."""
     from moe_ep.managers import registry
 
-    names = tuple(registry.known_managers())
-    aliases = dict(getattr(registry, "ALIASES", {}))
-    return names, aliases
-
-
-def _implemented_manager_class(name: str):
-    """The registered manager class of `name`, or None for a placeholder or import failure."""
-    from moe_ep.managers import registry
-    from moe_ep.managers.vendor import VendorBackendPlaceholder
-
-    try:
-        cls = registry.get_manager_class(name)
-    except Exception:  # noqa: BLE001 - availability reports import problems; parsing goes on
-        return None
-    return None if issubclass(cls, VendorBackendPlaceholder) else cls
+    return tuple(registry.known_managers()), dict(registry.ALIASES)
 
 
 def _default_availability(topology: Topology) -> Mapping[str, tuple[bool, str]]:
@@ -444,13 +430,15 @@ class _Parser:
         """Validate options against the backend's own options dataclass, so a typo fails at
         load time on any machine rather than at build time on the one that selects it.
 
-        Skipped for backends whose adapter is a placeholder (no options declared yet) or
-        whose module cannot be imported here.
+        The options dataclasses live in `moe_ep.managers.options`: no backend module is
+        imported. Skipped for placeholders, which declare no options yet.
         """
-        cls = _implemented_manager_class(use)
+        from moe_ep.managers.registry import options_class
+
+        cls = options_class(use)
         if cls is None:
             return
-        allowed = tuple(cls.option_names())
+        allowed = tuple(f.name for f in dataclasses.fields(cls))
         for key in options:
             if key not in allowed:
                 hint = _did_you_mean(key, allowed)
@@ -458,7 +446,7 @@ class _Parser:
                 raise self.fail(_join(path, key), f"unknown option {key!r} for {use}{hint}; "
                                                   f"allowed options: {listed}")
         try:
-            cls.options_cls(**dict(options))
+            cls(**dict(options))
         except (TypeError, ValueError) as exc:
             raise self.fail(path, f"invalid options for {use}: {exc}") from None
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,7 @@ def test_wrong_backend_is_reported_not_timed(tmp_path):
     table = format_table(rows)
     assert "wrong: naive: output differs" in table
     meta = {"command": "moe-ep bench", "world_size": 2, "device": "cpu", "launcher": "spawned",
-            "warmup": 1, "iters": 3, "host": "test"}
+            "warmup": 1, "iters": 3, "repeats": 2, "host": "test"}
     paths = write_outputs(rows, meta, tmp_path)
     assert paths["png"].exists()
     assert json.loads(paths["json"].read_text())["results"][0]["status"] == "wrong"
@@ -239,3 +240,98 @@ def test_bench_loop_inside_a_launched_job(dist_pool):
         ("alltoallv", 1), ("alltoallv", 8)]
     assert all(r["status"] == "ok" and r["total_us"]["median"] > 0 for r in rows0), rows0
     assert len(lines0) == 2 * len(rows0) and not lines1  # only rank 0 reports progress
+
+
+def _check_config_in_a_job(info):
+    """`main(["check-config", ...])` called inside a running job, twice."""
+    import contextlib
+    import io
+
+    import torch
+    import torch.distributed as dist
+
+    saved = {v: os.environ.get(v) for v in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size))
+    try:
+        outs = []
+        for name in ("cpu-local", "multi-node-rdma"):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                code = main(["check-config", name])
+            outs.append((code, buf.getvalue()))
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    alive = dist.is_initialized()
+    total = torch.ones(1)
+    if alive:
+        dist.all_reduce(total)
+    return outs, alive, total.item()
+
+
+def test_check_config_keeps_the_callers_process_group(dist_pool):
+    """Under torchrun `check-config` detects the launched job; called inside a job that is
+    already running, it leaves that job's process group up."""
+    results = dist_pool(2).run(_check_config_in_a_job, timeout=120)
+    for rank, (outs, alive, total) in enumerate(results):
+        assert alive and total == 2.0, rank
+        for code, out in outs:
+            assert code == 0
+            assert bool(out) == (rank == 0)  # rank 0 reports
+    assert "topology (the torchrun job):" in results[0][0][1][1]
+
+
+def test_bad_out_fails_before_the_sweep(tmp_path, capsys):
+    """--out naming a file or an unwritable place is refused at once (no sweep, no traceback)."""
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    for out, fragment in ((str(a_file), "is a file"), ("/proc/nope", "not a writable folder")):
+        started = time.perf_counter()
+        code, _, err = run_main(capsys, "bench", "--out", out, "--tokens", "1")
+        assert code == 2 and fragment in err and "Traceback" not in err, err
+        assert time.perf_counter() - started < 10  # refused before any rank was spawned
+
+
+def test_missing_matplotlib_skips_the_png_with_a_note(tmp_path, monkeypatch):
+    from moe_ep.bench import sweep
+
+    real = sweep.importlib.util.find_spec
+    monkeypatch.setattr(sweep.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    notes = []
+    rows = [{"backend": "naive", "options": {}, "tokens_per_rank": 8, "hidden": 16,
+             "num_experts": 4, "topk": 2, "dtype": "bf16", "world_size": 2, "status": "ok",
+             "verified": True, "bytes_per_rank": 1,
+             **{k: {"median": 1.0, "p10": 1.0, "p90": 1.0}
+                for k in ("dispatch_us", "combine_us", "total_us")}}]
+    meta = {"command": "moe-ep bench", "world_size": 2, "device": "cpu", "launcher": "spawned",
+            "warmup": 1, "iters": 3, "repeats": 2, "host": "test"}
+    paths = sweep.write_outputs(rows, meta, tmp_path, echo=notes.append)
+    assert "png" not in paths and paths["json"].exists()
+    assert notes and "matplotlib is not installed" in notes[0]
+
+
+def test_closed_pipe_exits_quietly():
+    code = "import sys; from moe_ep.cli import main; sys.exit(main(['topo']))"
+    # `true` exits without reading: every write of the command meets a closed pipe.
+    proc = subprocess.run(f'{sys.executable} -c "{code}" | true', shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_check_config_json(capsys):
+    code, out, _ = run_main(capsys, "check-config", "cpu-local", "--json")
+    report = json.loads(out)
+    assert code == 0 and set(report["phases"]) == {"prefill", "decode"}
+    assert all(p["selected"] for p in report["phases"].values())
+
+
+def test_verbose_and_quiet_set_the_log_level(capsys):
+    import logging
+
+    for flag, level in (("--verbose", logging.INFO), ("--quiet", logging.ERROR)):
+        run_main(capsys, flag, "check-config", "cpu-local")
+        assert logging.getLogger("moe_ep").level == level

@@ -369,3 +369,20 @@ def test_build_manager_from_config_on_two_ranks(dist_pool):
         assert out["disagree"] == ("by-size: ranks selected different managers (rank 0: "
                                    "allgather_reducescatter, rank 1: naive); their topologies "
                                    "or installed packages differ")
+
+
+def test_loading_configs_imports_no_backend_module():
+    """Options are checked against moe_ep.managers.options: parsing imports no backend."""
+    import subprocess
+    import sys
+
+    backends = ("naive", "agrs", "alltoallv", "shm", "deepep", "pplx", "flashinfer")
+    code = (
+        "import sys; from moe_ep.config import load_config, shipped_configs;"
+        "[load_config(n) for n in shipped_configs()];"
+        f"print(sorted(m for m in sys.modules if m.split('.')[-1] in {backends!r}"
+        " and m.startswith('moe_ep.managers.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -34,3 +34,29 @@ def test_freed_memory_is_retained_only_when_asked():
     assert retained > 48, f"only {retained:.1f} MiB of a freed 64 MiB tensor stayed mapped"
     _, default = _retained_mib("default")
     assert default < 16, f"glibc kept {default:.1f} MiB by default: the probe proves nothing here"
+
+
+_POLICY = """
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+from moe_ep import cpu_allocator
+if sys.argv[1] == "opt-out":
+    cpu_allocator.keep_system_allocator()
+print(cpu_allocator.tune_cpu_allocator(), cpu_allocator.tune_cpu_allocator())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+@pytest.mark.parametrize("mode", ["default", "opt-out", "env"])
+def test_library_tunes_the_allocator_once_logged_with_an_opt_out(mode):
+    import os
+
+    env = dict(os.environ, MOE_EP_SYSTEM_MALLOC="1" if mode == "env" else "")
+    out = subprocess.run([sys.executable, "-c", _POLICY, mode], capture_output=True, text=True,
+                         check=True, timeout=120, env=env)
+    if mode == "default":
+        assert out.stdout.split() == ["True", "True"]
+        assert out.stderr.count("glibc malloc set to keep freed memory") == 1
+    else:
+        assert out.stdout.split() == ["False", "False"]
+        assert "glibc malloc set" not in out.stderr

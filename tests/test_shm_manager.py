@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -22,6 +23,7 @@ from moe_ep.distributed.shm import ShmCommunicator
 from moe_ep.managers import (
     EPSpec,
     Layout,
+    ManagerUnavailableError,
     RemoteInputError,
     apply_experts,
     available_managers,
@@ -238,3 +240,40 @@ def _handle_needs_capacity(info) -> str:
 def test_handle_without_capacity_is_refused(dist_pool):
     for message in dist_pool(2).run(_handle_needs_capacity, timeout=60):
         assert "max_tokens_per_rank must be set" in message
+
+
+def _refusals(info) -> list[str]:
+    """One rank lacks the native library, then the ranks are on different nodes (simulated:
+    the same-node probe answers per rank): every rank refuses alike."""
+    from unittest import mock
+
+    from moe_ep.distributed import group as group_module
+
+    gloo = GroupCoordinator([list(range(info.world_size))], "ep_gloo", use_shm=False)
+    seen = []
+    try:
+        missing = staticmethod(lambda: (False, "no native library (simulated)"))
+        with mock.patch.object(ShmCommunicator, "available", missing) if info.rank == 1 \
+                else contextlib.nullcontext():
+            with pytest.raises(ManagerUnavailableError) as exc:
+                build_manager("shm", gloo)
+        seen.append(str(exc.value))
+        apart = [r == 0 for r in range(info.world_size)]
+        with mock.patch.object(group_module, "in_the_same_node_as", lambda g, s=0: apart):
+            with pytest.raises(ManagerUnavailableError) as exc:
+                build_manager("shm", gloo)
+        seen.append(str(exc.value))
+        mgr = build_manager("shm", gloo)  # the group is still usable
+        mgr.destroy()
+    finally:
+        gloo.destroy()
+    return seen
+
+
+def test_refused_alike_on_every_rank(dist_pool):
+    """One rank without the library (or ranks on other nodes) makes every rank refuse at once,
+    instead of leaving the others in the segment set-up until the timeout."""
+    results = dist_pool(2).run(_refusals, timeout=60)
+    for no_lib, apart in results:
+        assert "rank 1: no native library (simulated)" in no_lib
+        assert "ranks [1] are not on the node of rank 0" in apart

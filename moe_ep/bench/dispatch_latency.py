@@ -1,19 +1,21 @@
 """Measure one manager's dispatch / combine latency and wire bytes on one group.
 
-:func:`measure_manager` is a collective: every rank of ``group`` calls it with the same
-arguments. It
+`measure_manager` is a collective: every rank of `group` calls it with the same arguments. It
 
-1. builds the manager through the registry,
-2. verifies it once against :func:`moe_ep.testing.reference.reference_moe` (dispatch ->
-   ``apply_experts`` with cheap per-expert affine maps -> combine, compared on every rank),
-3. times ``warmup + iters`` round trips, each started after a barrier: ``dispatch``, then
-   ``apply_experts`` with identity experts (timed apart as ``experts_us``: for the TOKEN
-   layout this is where the router weights are applied, for the expert layouts a copy), then
-   ``combine``; ``total_us`` is dispatch + combine (the communication the manager owns),
-4. reports, per phase, the median / p10 / p90 over iterations of the **slowest rank's** time
-   (a collective is as fast as its slowest member), and the bytes each rank put on the wire
-   as counted by the manager (:class:`moe_ep.managers.base.WireBytes`), next to the
-   manager's analytic bytes-per-token model.
+1. builds the manager through the registry and declares the layer's handle once
+   (`get_handle(EPSpec(...))`), as a MoE layer does,
+2. verifies it once against `moe_ep.testing.reference.reference_moe` (dispatch ->
+   `apply_experts` with cheap per-expert affine maps -> combine, compared on every rank),
+3. times, as a user runs it (the caller sets nothing about the allocator), `repeats`
+   repetitions of `iters` back-to-back round trips each, with a barrier only before each
+   repetition (a barrier per call would time the barrier): `dispatch`, then `apply_experts`
+   with identity experts (timed apart as `experts_us`: for the TOKEN layout this is where the
+   router weights are applied, for the expert layouts a copy), then `combine`; `total_us` is
+   dispatch + combine (the communication the manager owns),
+4. reports, per phase, the median / p10 / p90 over repetitions of the **slowest rank's**
+   per-call mean (a collective is as fast as its slowest member), and the bytes each rank put
+   on the wire as counted by the manager (`moe_ep.managers.WireBytes`), next to the manager's
+   analytic bytes-per-token model.
 
 Inputs are reproducible: rank r draws ``x`` ``[tokens_per_rank, hidden]`` and a uniform random
 top-k routing (distinct experts per token, softmax weights) from ``seed + r``.
@@ -40,7 +42,7 @@ _VERIFY_TOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 5e-3, to
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Microseconds over the timed iterations (each the slowest rank's time)."""
+    """Microseconds per call over the timed repetitions (each the slowest rank's mean)."""
 
     median: float
     p10: float
@@ -62,7 +64,7 @@ class LatencyResult:
     Attributes:
         backend: canonical manager name; options: its options as sorted (name, value) pairs.
         world_size, tokens_per_rank, hidden, num_experts, topk, dtype (e.g. "bfloat16"),
-        warmup, iters: the case.
+        warmup, iters, repeats: the case (iters back-to-back calls per repetition).
         dispatch_us, combine_us, total_us (dispatch + combine), experts_us (the identity
             ``apply_experts`` step between them): :class:`LatencyStats` in microseconds.
         dispatch_bytes, combine_bytes: ``[W]`` bytes each rank sent in one dispatch / combine.
@@ -84,6 +86,7 @@ class LatencyResult:
     dtype: str
     warmup: int
     iters: int
+    repeats: int
     dispatch_us: LatencyStats
     combine_us: LatencyStats
     total_us: LatencyStats
@@ -139,6 +142,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_block(group, mgr, handle, x, weights, ids, iters: int, device
+                ) -> tuple[float, float, float]:
+    """One repetition: `iters` back-to-back round trips after one barrier; per-call means
+    (dispatch, combine, experts) in microseconds on this rank."""
+    from moe_ep.managers import apply_experts
+
+    group.barrier()
+    _sync(device)
+    t_dispatch = t_combine = t_experts = 0.0
+    clock = time.perf_counter
+    for _ in range(iters):
+        t0 = clock()
+        res = mgr.dispatch(x, weights, ids, handle=handle)
+        _sync(device)
+        t1 = clock()
+        out = apply_experts(res, _identity)
+        _sync(device)
+        t2 = clock()
+        mgr.combine(out, res)
+        _sync(device)
+        t3 = clock()
+        t_dispatch += t1 - t0
+        t_experts += t2 - t1
+        t_combine += t3 - t2
+    scale = 1e6 / iters
+    return t_dispatch * scale, t_combine * scale, t_experts * scale
+
+
 def measure_manager(
     group: GroupCoordinator,
     name: str,
@@ -151,6 +182,7 @@ def measure_manager(
     dtype: torch.dtype = torch.bfloat16,
     warmup: int = 3,
     iters: int = 20,
+    repeats: int = 5,
     seed: int = 0,
 ) -> LatencyResult:
     """Verify, then time ``name`` on ``group`` (collective; see the module docstring).
@@ -159,7 +191,7 @@ def measure_manager(
         TypeError / ValueError: a bad argument (checked before any communication).
         Whatever ``build_manager`` raises for an unknown or unavailable backend.
     """
-    from moe_ep.managers import apply_experts, build_manager, expert_placement
+    from moe_ep.managers import EPSpec, apply_experts, build_manager, expert_placement
     from moe_ep.managers.registry import get_manager_class
     from moe_ep.testing.reference import make_scaling_experts, reference_moe
 
@@ -169,6 +201,7 @@ def measure_manager(
     _check_positive("topk", topk, 1)
     _check_positive("warmup", warmup, 0)
     _check_positive("iters", iters, 1)
+    _check_positive("repeats", repeats, 1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     options = dict(options or {})
@@ -187,11 +220,13 @@ def measure_manager(
     )
     mgr = build_manager(name, group, **options)
     try:
+        handle = mgr.get_handle(EPSpec(hidden=hidden, num_experts=num_experts, topk=topk,
+                                       max_tokens_per_rank=max(1, tokens_per_rank), dtype=dtype))
         # 1. Verification against the reference (each token's output depends only on itself,
         # so this rank's slice of the global reference is the reference of its own tokens).
         experts = make_scaling_experts(num_experts, hidden, seed=seed, device=device)
         first = expert_placement(num_experts, world).first(rank)
-        res = mgr.dispatch(x, weights, ids, num_experts=num_experts)
+        res = mgr.dispatch(x, weights, ids, handle=handle)
         y = mgr.combine(apply_experts(res, lambda e, rows: experts[first + e](rows)), res)
         ref = reference_moe(x, weights, ids, experts)
         err = (y.float() - ref.float()).abs().max().item() if y.numel() else 0.0
@@ -214,21 +249,12 @@ def measure_manager(
 
         # 2. Timing with identity experts (a wrong backend is reported, not timed).
         samples: list[tuple[float, float, float]] = []
-        for i in range(warmup + iters if verified else 0):
-            group.barrier()
-            _sync(device)
-            t0 = time.perf_counter()
-            res = mgr.dispatch(x, weights, ids, num_experts=num_experts)
-            _sync(device)
-            t1 = time.perf_counter()
-            out = apply_experts(res, _identity)
-            _sync(device)
-            t2 = time.perf_counter()
-            mgr.combine(out, res)
-            _sync(device)
-            t3 = time.perf_counter()
-            if i >= warmup:
-                samples.append(((t1 - t0) * 1e6, (t3 - t2) * 1e6, (t2 - t1) * 1e6))
+        if verified:
+            for _ in range(warmup):
+                res = mgr.dispatch(x, weights, ids, handle=handle)
+                mgr.combine(apply_experts(res, _identity), res)
+            for _ in range(repeats):
+                samples.append(_time_block(group, mgr, handle, x, weights, ids, iters, device))
         sent = (mgr.last_dispatch_bytes.total, mgr.last_combine_bytes.total)
         per_rank = group.all_gather_object((samples, sent))
     finally:
@@ -266,6 +292,7 @@ def measure_manager(
         dtype=str(dtype).removeprefix("torch."),
         warmup=warmup,
         iters=iters,
+        repeats=repeats,
         dispatch_us=LatencyStats.of(dispatch_s),
         combine_us=LatencyStats.of(combine_s),
         total_us=LatencyStats.of(total_s),

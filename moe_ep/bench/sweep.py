@@ -18,6 +18,7 @@ results.md (the table), results.png (latency vs tokens per rank, one line per ba
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -43,6 +44,7 @@ DEFAULT_EXPERTS = (64,)
 DEFAULT_TOPK = (8,)
 DEFAULT_WARMUP = 3
 DEFAULT_ITERS = 20
+DEFAULT_REPEATS = 5
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -69,6 +71,7 @@ class Plan:
     cases: tuple[Case, ...]
     warmup: int
     iters: int
+    repeats: int
     timeout_s: float
     unavailable: tuple[tuple[str, str], ...] = ()  # (backend, reason) left out of the sweep
 
@@ -131,10 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation dtype (default: bf16)")
     g = p.add_argument_group("timing and launch")
     g.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="N",
-                   help=f"untimed repetitions before timing (default: {DEFAULT_WARMUP})")
+                   help=f"untimed round trips before timing (default: {DEFAULT_WARMUP})")
     g.add_argument("--iters", type=int, default=DEFAULT_ITERS, metavar="N",
-                   help=f"timed repetitions: median, p10, p90 are over these "
-                        f"(default: {DEFAULT_ITERS})")
+                   help=f"back-to-back round trips per timed repetition, one barrier before "
+                        f"each repetition (default: {DEFAULT_ITERS})")
+    g.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
+                   help=f"timed repetitions: median, p10, p90 of the per-call mean are over "
+                        f"these (default: {DEFAULT_REPEATS})")
     g.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="local ranks to spawn (default 2 on CPU, one per GPU on CUDA; "
                         "under torchrun the launched ranks are used)")
@@ -152,10 +158,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from moe_ep.cli import CLIError
+    from moe_ep.launch import CLIError
 
     if args.iters < 1:
         raise CLIError(f"--iters must be >= 1, got {args.iters}")
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     if args.world_size is not None and args.world_size < 1:
@@ -169,10 +177,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _canonical(names: Sequence[str]) -> list[str]:
-    from moe_ep.cli import CLIError
-    from moe_ep.config import _registry_names
+    from moe_ep.launch import CLIError
+    from moe_ep.managers.registry import ALIASES, known_managers
 
-    known, aliases = _registry_names()
+    known, aliases = known_managers(), ALIASES
     out = []
     for name in names:
         canon = aliases.get(name, name)
@@ -221,7 +229,7 @@ def plan_sweep(args: argparse.Namespace, topology) -> Plan:
         for k in args.topk
         for t in args.tokens
     )
-    return Plan(cases, args.warmup, args.iters, args.timeout, tuple(unavailable))
+    return Plan(cases, args.warmup, args.iters, args.repeats, args.timeout, tuple(unavailable))
 
 
 # --------------------------------------------------------------------------- measuring
@@ -234,19 +242,17 @@ def _stats(value: Any) -> dict[str, float]:
     return {k: float(getattr(value, k)) for k in ("median", "p10", "p90")}
 
 
-def measure_case(group, case: Case, warmup: int, iters: int) -> dict[str, Any]:
+def measure_case(group, case: Case, warmup: int, iters: int, repeats: int) -> dict[str, Any]:
     """Run one case on `group` (collective). Returns the JSON-ready row fields measured."""
     import torch
 
     from moe_ep.bench.dispatch_latency import measure_manager
-    from moe_ep.cpu_allocator import retain_freed_memory
-
-    retain_freed_memory()  # every backend alike: see moe_ep.cpu_allocator
     result = measure_manager(
         group, case.backend, dict(case.options),
         tokens_per_rank=case.tokens_per_rank, hidden=case.hidden,
         num_experts=case.num_experts, topk=case.topk,
         dtype=getattr(torch, _TORCH_DTYPES[case.dtype]), warmup=warmup, iters=iters,
+        repeats=repeats,
     )
     return _result_fields(result)
 
@@ -274,12 +280,18 @@ def _result_fields(result: Any) -> dict[str, Any]:
     return fields
 
 
-def _spawned_case(info, case: Case, warmup: int, iters: int) -> dict[str, Any] | None:
+def _spawned_case(info, case: Case, warmup: int, iters: int, repeats: int
+                  ) -> dict[str, Any] | None:
     """Worker side of one spawned case: the ranks are the EP group of a plain job."""
+    import torch
+
     from moe_ep.distributed import initialize_model_parallel
 
+    # W ranks share this machine's cores: more intra-op threads than cores per rank would
+    # oversubscribe the CPU and time the scheduler instead of the managers.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     groups = initialize_model_parallel()
-    fields = measure_case(groups.ep, case, warmup, iters)
+    fields = measure_case(groups.ep, case, warmup, iters, repeats)
     return fields if info.rank == 0 else None
 
 
@@ -303,8 +315,7 @@ def _summary(row: Mapping[str, Any], seconds: float) -> str:
 def run_spawned(plan: Plan, world_size: int, device: str,
                 echo: Callable[..., None] = print) -> list[dict[str, Any]]:
     """Run `plan` on `world_size` freshly spawned local ranks; one row per case."""
-    from moe_ep.testing import DistributedPool
-    from moe_ep.testing.harness import DistributedTimeoutError, WorkerCrashedError
+    from moe_ep.launch import DistributedPool, DistributedTimeoutError, WorkerCrashedError
 
     rows: list[dict[str, Any]] = []
     pool = None
@@ -323,7 +334,7 @@ def run_spawned(plan: Plan, world_size: int, device: str,
                             pool.close()
                         pool = DistributedPool(world_size, device=device)
                     row.update(pool.run(_spawned_case, case, plan.warmup, plan.iters,
-                                        timeout=plan.timeout_s)[0])
+                                        plan.repeats, timeout=plan.timeout_s)[0])
                 except (DistributedTimeoutError, WorkerCrashedError) as exc:
                     # A hang or crash would most likely repeat at the next size.
                     kind = "timeout" if isinstance(exc, DistributedTimeoutError) else "crashed"
@@ -353,7 +364,8 @@ def run_in_job(plan: Plan, group, echo: Callable[..., None] = print) -> list[dic
             echo(_progress_line(i, len(plan.cases), case), end="", flush=True)
         start = time.perf_counter()
         try:
-            fields, error = measure_case(group, case, plan.warmup, plan.iters), None
+            fields, error = measure_case(group, case, plan.warmup, plan.iters,
+                                         plan.repeats), None
         except Exception as exc:  # noqa: BLE001 - reported as this case's result
             fields, error = None, _one_line(exc)
         outcomes = group.all_gather_object((fields, error))
@@ -434,9 +446,26 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GB"  # unreachable; keeps type checkers calm
 
 
+def check_out_dir(out: Path) -> None:
+    """Raise CLIError unless `out` is (or can be made) a writable folder: checked before the
+    sweep, so a bad --out does not cost a whole run."""
+    from moe_ep.launch import CLIError
+
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".moe_ep_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(f"--out {out} is not a writable folder: {exc.strerror or exc}") from None
+
+
 def write_outputs(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], out: Path,
-                  *, plot: bool = True) -> dict[str, Path]:
-    """results.json, results.md and (unless `plot` is false) results.png in `out`."""
+                  *, plot: bool = True, echo: Callable[..., None] = print) -> dict[str, Path]:
+    """results.json, results.md and (unless `plot` is false, or matplotlib is missing: then a
+    one-line note) results.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md"}
     paths["json"].write_text(json.dumps({"meta": dict(meta), "results": list(rows)}, indent=2)
@@ -444,16 +473,20 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], ou
     paths["md"].write_text(f"Command: `{meta['command']}`\n\n{format_table(rows, markdown=True)}"
                            "\n")
     if plot and any(r["status"] == "ok" for r in rows):
-        from moe_ep.bench.plot import plot_latency
+        if importlib.util.find_spec("matplotlib") is None:
+            echo("results.png skipped: matplotlib is not installed "
+                 "(pip install 'moe-ep[bench]')")
+        else:
+            from moe_ep.bench.plot import plot_latency
 
-        paths["png"] = plot_latency(rows, out / "results.png", title=_title(meta))
+            paths["png"] = plot_latency(rows, out / "results.png", title=_title(meta))
     return paths
 
 
 def _title(meta: Mapping[str, Any]) -> str:
     return (f"moe-ep bench: {meta['world_size']} {meta['device'].upper()} ranks "
-            f"({meta['launcher']}), {meta['warmup']} warm-up + {meta['iters']} timed "
-            f"repetitions  |  {meta['host']}")
+            f"({meta['launcher']}), {meta['repeats']} x {meta['iters']} back-to-back calls "
+            f"after {meta['warmup']} warm-up  |  {meta['host']}")
 
 
 def _meta(args: argparse.Namespace, plan: Plan, world_size: int, device: str,
@@ -472,7 +505,7 @@ def _meta(args: argparse.Namespace, plan: Plan, world_size: int, device: str,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "launcher": launcher, "world_size": world_size, "device": device,
         "topology": describe() if describe else str(topology),
-        "warmup": plan.warmup, "iters": plan.iters,
+        "warmup": plan.warmup, "iters": plan.iters, "repeats": plan.repeats,
         "sweep": {"tokens_per_rank": list(args.tokens), "hidden": list(args.hidden),
                   "num_experts": list(args.experts), "topk": list(args.topk),
                   "dtype": args.dtype},
@@ -485,9 +518,10 @@ def _meta(args: argparse.Namespace, plan: Plan, world_size: int, device: str,
 
 def main_from_args(args: argparse.Namespace) -> int:
     """`moe-ep bench` with parsed arguments; returns the exit status."""
-    from moe_ep.cli import EXIT_ERROR, CLIError, local_topology, under_torchrun
+    from moe_ep.launch import EXIT_ERROR, CLIError, local_topology, under_torchrun
 
     _check_args(args)
+    check_out_dir(Path(args.out))
     started = time.perf_counter()
     if under_torchrun():
         if args.world_size is not None and args.world_size != int(os.environ["WORLD_SIZE"]):
@@ -511,10 +545,10 @@ def main_from_args(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_ERROR
     meta["wall_s"] = round(time.perf_counter() - started, 1)
+    print()
+    print(format_table(rows), flush=True)
+    print()
     paths = write_outputs(rows, meta, Path(args.out), plot=not args.no_plot)
-    print()
-    print(format_table(rows))
-    print()
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f" in {meta['wall_s']} s")
     return 0 if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
 
@@ -526,6 +560,10 @@ def _announce(plan: Plan, meta: Mapping[str, Any]) -> None:
           f"{meta['topology']}", flush=True)
     for name, why in plan.unavailable:
         print(f"  not run: {name}: {why.split(';')[0]}", flush=True)
+    cores = os.cpu_count() or 1
+    if meta["device"] == "cpu" and meta["world_size"] > cores:
+        print(f"  warning: {meta['world_size']} ranks on {cores} CPU cores: ranks share cores, "
+              "so latencies include time spent descheduled", flush=True)
 
 
 def _bench_torchrun(args: argparse.Namespace):

@@ -46,30 +46,14 @@ from moe_ep.managers.contract import (
     DispatchResult,
     EPHandle,
     Layout,
-    check_option_type,
 )
 from moe_ep.managers.expert_ops import gather_sum, segment_sum
 from moe_ep.managers.group_exchange import GroupExchangeManager, pack_rows, unpack_rows
 from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.options import AllToAllVOptions
 from moe_ep.managers.placement import expert_placement
 
 __all__ = ["AllToAllVManager", "AllToAllVOptions", "AllToAllVState"]
-
-
-@dataclass(frozen=True)
-class AllToAllVOptions:
-    """Options of `alltoallv`.
-
-    Attributes:
-        dedup: send a token once per destination rank (True) rather than once per
-            (token, expert) (False). Both are exact; True moves fewer bytes when a token has
-            several experts on one rank.
-    """
-
-    dedup: bool = True
-
-    def __post_init__(self) -> None:
-        check_option_type("dedup", self.dedup, (bool,))
 
 
 @dataclass(eq=False)
@@ -140,7 +124,8 @@ class AllToAllVManager(GroupExchangeManager):
         return DispatchResult(
             layout=Layout.EXPERT_PACKED,
             x=recv_x.index_select(0, packed.packed_row),
-            x_scales=None if recv_scales is None else recv_scales.index_select(0, packed.packed_row),
+            x_scales=(None if recv_scales is None
+                      else recv_scales.index_select(0, packed.packed_row)),
             topk_ids=packed.packed_local,
             topk_weights=packed.packed_weight,
             tokens_per_expert=packed.tokens_per_expert,

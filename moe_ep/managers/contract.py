@@ -42,8 +42,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from moe_ep.cpu_allocator import tune_cpu_allocator
 from moe_ep.managers.accounting import WireBytes, WireCounter
 from moe_ep.managers.cache import HandleCache
+from moe_ep.managers.options import NoOptions
 
 if TYPE_CHECKING:
     from moe_ep.distributed.group import GroupCoordinator
@@ -59,9 +61,7 @@ __all__ = [
     "GatheredTokens",
     "Layout",
     "ManagerUnavailableError",
-    "NoOptions",
     "RemoteInputError",
-    "check_option_type",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -292,20 +292,6 @@ class GatheredTokens:
     handle: CombineState
 
 
-# ------------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class NoOptions:
-    """Options of a manager that takes none."""
-
-
-def check_option_type(name: str, value: object, types: tuple[type, ...]) -> None:
-    """Raise TypeError unless `value` is one of `types` (bool is not accepted as int)."""
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        wanted = " or ".join(t.__name__ for t in types)
-        raise TypeError(f"option {name!r} must be {wanted}, got {value!r}")
-
-
 # ------------------------------------------------------------------------------- the ABC
 class All2AllManager(ABC):
     """Dispatch tokens to the ranks owning their experts and combine the expert outputs back.
@@ -356,6 +342,9 @@ class All2AllManager(ABC):
         self._dispatch_bytes = WireBytes()
         self._combine_bytes = WireBytes()
         self.uid = protocol.agree_on_manager(self)
+        if group.device.type == "cpu":
+            # Per-call outputs (combine's [N, H]) must not come from freshly mapped pages.
+            tune_cpu_allocator()
 
     # ---- options -----------------------------------------------------------------------------
 

@@ -66,7 +66,9 @@ def _is_tensor(name: str, t: object) -> torch.Tensor:
 def _check_device(name: str, t: torch.Tensor, device: torch.device | None) -> None:
     if device is None:
         return
-    if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+    if t.device.type != device.type or (
+        device.index is not None and t.device.index != device.index
+    ):
         raise ValueError(f"{name} must be on the group's device {device}, got {t.device}")
 
 
@@ -138,7 +140,8 @@ def check_dispatch(
                 "torch.inference_mode()"
             )
     if x.dim() != 2 or x.shape[1] != spec.hidden:
-        raise ValueError(f"x must be [num_tokens, {spec.hidden}] (EPSpec.hidden), got {describe(x)}")
+        raise ValueError(
+            f"x must be [num_tokens, {spec.hidden}] (EPSpec.hidden), got {describe(x)}")
     if x.dtype != spec.dtype:
         raise TypeError(f"x must be {spec.dtype} (EPSpec.dtype), got {x.dtype}")
     n = x.shape[0]

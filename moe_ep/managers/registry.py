@@ -26,6 +26,7 @@ __all__ = [
     "build_manager",
     "get_manager_class",
     "known_managers",
+    "options_class",
     "resolve_name",
 ]
 
@@ -43,6 +44,20 @@ MANAGERS: Mapping[str, str] = {
 
 #: Alias -> canonical name.
 ALIASES: Mapping[str, str] = {"agrs": "allgather_reducescatter"}
+
+#: Canonical name -> its options dataclass in `moe_ep.managers.options` (None: the backend is
+#: a placeholder whose options are not declared yet). Configs check options through this,
+#: importing no backend module.
+OPTIONS: Mapping[str, str | None] = {
+    "naive": "NoOptions",
+    "allgather_reducescatter": "NoOptions",
+    "alltoallv": "AllToAllVOptions",
+    "shm": "ShmAll2AllOptions",
+    "deepep_high_throughput": None,
+    "deepep_low_latency": None,
+    "pplx": None,
+    "flashinfer_all2allv": None,
+}
 
 
 class _BackendModuleMissing(ImportError):
@@ -71,6 +86,15 @@ def resolve_name(name: str) -> str:
             f"(aliases: {aliases})"
         )
     return canonical
+
+
+def options_class(name: str) -> type | None:
+    """The options dataclass of backend `name` (or its alias), without importing the backend;
+    None when the backend declares none yet (a placeholder)."""
+    from moe_ep.managers import options
+
+    class_name = OPTIONS.get(resolve_name(name))
+    return None if class_name is None else getattr(options, class_name)
 
 
 def get_manager_class(name: str) -> type[All2AllManager]:

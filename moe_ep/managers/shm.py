@@ -49,39 +49,12 @@ from moe_ep.managers.contract import (
     EPSpec,
     Layout,
     ManagerUnavailableError,
-    check_option_type,
 )
 from moe_ep.managers.inputs import CheckedInputs
+from moe_ep.managers.options import ShmAll2AllOptions
 from moe_ep.managers.placement import expert_placement
 
 __all__ = ["ShmAll2AllManager", "ShmAll2AllOptions", "ShmHandle", "ShmState"]
-
-_LAYOUTS = ("token", "expert_packed")
-
-
-@dataclass(frozen=True)
-class ShmAll2AllOptions:
-    """Options of `shm`.
-
-    Attributes:
-        layout: "token" (default; rows read in place, one per (token, destination)) or
-            "expert_packed" (rows grouped by local expert).
-        max_tokens_per_rank: capacity of the handle a dispatch without a handle gets (grown
-            to a power of two when a call needs more).
-    """
-
-    layout: str = "token"
-    max_tokens_per_rank: int = 256
-
-    def __post_init__(self) -> None:
-        check_option_type("layout", self.layout, (str,))
-        if self.layout not in _LAYOUTS:
-            raise ValueError(f"option 'layout' must be one of {_LAYOUTS}, got {self.layout!r}")
-        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
-        if self.max_tokens_per_rank < 1:
-            raise ValueError(
-                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
-
 
 class ShmHandle(EPHandle):
     """A layer's shared buffers and per-half routing plans.
@@ -167,13 +140,28 @@ class ShmAll2AllManager(All2AllManager):
         if torch.device(group.device).type != "cpu":
             raise ManagerUnavailableError(
                 f"manager 'shm' needs a CPU group, group {self.group_name!r} is on {group.device}")
-        ok, reason = kernels.available()
-        if not ok:
-            raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
         if self.world_size == 1:
+            ok, reason = kernels.available()
+            if not ok:
+                raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
             return
-        from moe_ep.distributed.shm import ShmUnavailableError
+        from moe_ep.distributed.group import in_the_same_node_as
+        from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
         from moe_ep.distributed.shm_exchange import ShmExchange
+
+        # Decided collectively, so that every rank refuses alike instead of leaving its peers
+        # in the segment set-up below: ranks on other hosts cannot map a segment made in this
+        # host's /dev/shm, and the native libraries may be missing on one host.
+        apart = [r for r, same in enumerate(in_the_same_node_as(group, 0)) if not same]
+        if apart:
+            raise ManagerUnavailableError(
+                f"manager 'shm' needs every rank of group {self.group_name!r} on one node; "
+                f"ranks {apart} are not on the node of rank 0")
+        usable = group.all_gather_object(
+            [reason for ok, reason in (ShmCommunicator.available(), kernels.available()) if not ok])
+        missing = [f"rank {r}: {'; '.join(why)}" for r, why in enumerate(usable) if why]
+        if missing:
+            raise ManagerUnavailableError(f"manager 'shm' is unavailable: {'; '.join(missing)}")
 
         try:
             self.exchange = ShmExchange(group.cpu_group, self.rank, self.world_size,

@@ -1,6 +1,6 @@
 """Test helpers: the multi-process harness and the pure-torch reference MoE."""
 
-from moe_ep.testing.harness import (
+from moe_ep.launch import (
     DistributedPool,
     DistributedTimeoutError,
     RankInfo,

@@ -1,15 +1,19 @@
-"""Run a function on several local ranks, as separate processes, without ever hanging.
+"""Launching ranks, shared by the CLI, the benchmark and the tests.
 
-`DistributedPool` spawns the ranks once (importing torch costs seconds per process on a small
-machine) and runs many functions on them; `run_distributed` is the one-shot form. Each worker
-initialises `torch.distributed` against a TCP store that the parent hosts on a port the OS
-picks, so there is no port race. A worker's exception comes back with its type and remote
-traceback; a timeout or a dead rank kills every rank and raises in the parent.
+* `DistributedPool` / `run_distributed`: run a function on several local ranks, as separate
+  processes, without ever hanging. The pool spawns the ranks once (importing torch costs
+  seconds per process on a small machine) and runs many functions on them. Each worker
+  initialises `torch.distributed` against a TCP store that the parent hosts on a port the OS
+  picks, so there is no port race. A worker's exception comes back with its type and remote
+  traceback; a timeout or a dead rank kills every rank and raises in the parent.
+* `under_torchrun`, `torchrun_topology`, `local_topology`: which job the command runs in.
+* `CLIError`: a user error of a command (printed as one line, exit status 2).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import time
 import traceback
@@ -300,3 +304,75 @@ def _rebuild_error(error: BaseException, tb: str, rank: int) -> BaseException:
     if hasattr(error, "add_note"):
         error.add_note(f"(raised on rank {rank}; its traceback is the cause above)")
     return error
+
+# --------------------------------------------------------------------------- jobs
+
+EXIT_ERROR = 1  # the command ran but could not do its job (nothing selectable, a backend failed)
+EXIT_USAGE = 2  # bad arguments or files (argparse's convention)
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def under_torchrun() -> bool:
+    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_topology(world_size: int | None = None, *, device: str | None = None,
+                   nodes: int = 1, gpus_per_node: int | None = None,
+                   nvlink: bool | None = None):
+    """The topology of a job of `world_size` ranks on this machine (no processes started).
+
+    Defaults: this machine's device, one rank per GPU on CUDA and 2 ranks on CPU (the
+    `moe-ep bench` default). `nodes` > 1 describes a job spread evenly over that many nodes,
+    `device`/`gpus_per_node`/`nvlink` override what this machine has, for asking "what would
+    this config pick on that hardware" from a laptop.
+    """
+    from moe_ep.distributed.topology import Topology
+
+    here = Topology.detect(None)
+    device = device or here.device
+    gpus = here.gpus_per_node if gpus_per_node is None else gpus_per_node
+    if world_size is None:
+        world_size = (gpus * nodes if device == "cuda" and gpus else 2 * nodes)
+    if world_size < 1:
+        raise CLIError(f"--world-size must be >= 1, got {world_size}")
+    if nodes < 1 or world_size % nodes:
+        raise CLIError(f"--nodes must be >= 1 and divide --world-size {world_size}, got {nodes}")
+    local = world_size // nodes
+    if nvlink is None and device == "cuda" and device == here.device:
+        from moe_ep.distributed.topology import nvlink_all_connected
+
+        nvlink = nvlink_all_connected(min(local, gpus))
+    if device == "cuda" and gpus_per_node is None and here.device != "cuda":
+        gpus = local  # a simulated CUDA job: one rank per GPU
+    return Topology(device=device, world_size=world_size, rank=0, local_world_size=local,
+                    same_node=(True,) * local + (False,) * (world_size - local),
+                    nvlink=nvlink, gpus_per_node=gpus)
+
+
+def torchrun_topology():
+    """Collective: the topology of the torchrun job (world group)."""
+    import torch.distributed as dist
+
+    from moe_ep.distributed import (
+        destroy_model_parallel,
+        get_world_group,
+        init_distributed,
+        initialize_model_parallel,
+    )
+    from moe_ep.distributed.topology import Topology
+
+    # A caller that already runs a job (main() called in-process) keeps its process group.
+    owned = not dist.is_initialized()
+    init_distributed()
+    try:
+        initialize_model_parallel()
+        return Topology.detect(get_world_group())
+    finally:
+        # Nothing else needs the job's groups: the report is printed from the topology.
+        destroy_model_parallel()
+        if owned:
+            dist.destroy_process_group()
