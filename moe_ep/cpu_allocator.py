@@ -7,11 +7,13 @@ a fault costs ~2.5 us per 4 KiB page: allocating and touching 32 MiB takes ~17 m
 for the copy itself. CPU inference stacks avoid this with tcmalloc or jemalloc (vLLM's CPU
 backend preloads tcmalloc).
 
-The library does it itself: `tune_cpu_allocator()` runs once per process when the first CPU
-manager or group is built (the caller sets nothing), says so in one INFO log line, and can be
-turned off before that with `keep_system_allocator()` or the environment variable
-`MOE_EP_SYSTEM_MALLOC=1` (for a process that already preloads tcmalloc / jemalloc, or that
-must not grow its heap). `retain_freed_memory` is the mechanism (glibc `mallopt`).
+The library does it itself: `tune_cpu_allocator(by)` runs once per process when the first
+transport or manager whose calls return fresh CPU tensors is built (a shared-memory group, a
+TCP KV pipe, a CPU manager), so the caller sets nothing; it says so in one INFO log line. Opt
+out before that with `set_retain_freed_memory(False)` (also exported by `moe_ep.distributed`)
+or the environment variable `MOE_EP_SYSTEM_MALLOC=1`, for a process that already preloads
+tcmalloc / jemalloc or must not grow its heap. `retain_freed_memory` is the mechanism (glibc
+`mallopt`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import os
 import sys
 import threading
 
-__all__ = ["keep_system_allocator", "retain_freed_memory", "tune_cpu_allocator"]
+__all__ = ["retain_freed_memory", "set_retain_freed_memory", "tune_cpu_allocator"]
+
+logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_LOG = logging.getLogger(__name__)
-_LOCK = threading.Lock()
-_STATE: dict[str, bool | None] = {"decided": None}
+_POLICY = {"enabled": True, "done": False, "tuned": False}
+_POLICY_LOCK = threading.Lock()
 
 
 def retain_freed_memory(mmap_threshold_bytes: int = 1 << 30) -> bool:
@@ -51,28 +54,34 @@ def retain_freed_memory(mmap_threshold_bytes: int = 1 << 30) -> bool:
     return ok_mmap and ok_trim
 
 
-def keep_system_allocator() -> None:
-    """Opt out: the library will not call `retain_freed_memory` in this process."""
-    with _LOCK:
-        if _STATE["decided"] is None:
-            _STATE["decided"] = False
+def set_retain_freed_memory(enabled: bool) -> None:
+    """Whether the library may call `retain_freed_memory` when its first CPU transport or
+    manager is built (default True). Call it before building groups to leave malloc alone."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    with _POLICY_LOCK:
+        _POLICY["enabled"] = enabled
 
 
-def tune_cpu_allocator() -> bool:
-    """Once per process: keep freed memory for reuse unless opted out; True when it is on."""
-    with _LOCK:
-        if _STATE["decided"] is not None:
-            return bool(_STATE["decided"])
+def tune_cpu_allocator(by: str = "moe_ep") -> bool:
+    """Once per process: `retain_freed_memory()` unless opted out, logged with `by` (who
+    asked). Returns whether the allocator keeps freed memory (now or from an earlier call)."""
+    with _POLICY_LOCK:
+        if _POLICY["done"]:
+            return bool(_POLICY["tuned"])
+        if not _POLICY["enabled"]:
+            return False  # opted out for now; a later call after re-enabling may still tune
+        _POLICY["done"] = True
         if os.environ.get("MOE_EP_SYSTEM_MALLOC", "") not in ("", "0"):
-            _STATE["decided"] = False
-            _LOG.info("moe_ep: keeping the system allocator (MOE_EP_SYSTEM_MALLOC is set)")
+            logger.info("%s: keeping the system allocator (MOE_EP_SYSTEM_MALLOC is set)", by)
             return False
-        ok = retain_freed_memory()
-        _STATE["decided"] = ok
-        if ok:
-            _LOG.info(
-                "moe_ep: glibc malloc set to keep freed memory (M_MMAP_THRESHOLD=1 GiB, no "
-                "trimming) so per-call CPU tensors reuse pages instead of faulting them in; "
-                "opt out with moe_ep.cpu_allocator.keep_system_allocator() or "
-                "MOE_EP_SYSTEM_MALLOC=1")
-        return ok
+        _POLICY["tuned"] = retain_freed_memory()
+    if _POLICY["tuned"]:
+        logger.info(
+            "%s: glibc malloc now keeps freed memory for reuse (mmap threshold 1 GiB, no trim), "
+            "so per-call CPU outputs do not page-fault; opt out with "
+            "moe_ep.distributed.set_retain_freed_memory(False) or MOE_EP_SYSTEM_MALLOC=1 before "
+            "building groups", by)
+    else:
+        logger.info("%s: could not tune the allocator (not glibc); outputs may page-fault", by)
+    return bool(_POLICY["tuned"])

@@ -41,7 +41,7 @@ import logging, sys, torch
 logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
 from moe_ep import cpu_allocator
 if sys.argv[1] == "opt-out":
-    cpu_allocator.keep_system_allocator()
+    cpu_allocator.set_retain_freed_memory(False)
 print(cpu_allocator.tune_cpu_allocator(), cpu_allocator.tune_cpu_allocator())
 """
 

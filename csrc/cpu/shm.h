@@ -146,6 +146,7 @@ typedef struct shm_handle {
   uint64_t pend_recv_head[SHM_MAX_RANKS];
 
   int broken;
+  int interrupted; /* the last failure came from the interrupt check */
   char err[SHM_ERR_LEN];
 } shm_handle;
 
@@ -201,6 +202,15 @@ SHM_API int shm_gather_begin(shm_handle *h, int dst, const void *in, uint64_t nb
 SHM_API int shm_all_gather_begin(shm_handle *h, const void *in, uint64_t nbytes,
                                  uint64_t row_bytes, int dtype, uint64_t *sizes_out);
 SHM_API int shm_gather_finish(shm_handle *h, void *const *outs);
+/* As shm_gather_finish, but rank p's byte k lands at outs[p] + (k / block) * stride + k % block
+ * (block 0: contiguous). */
+SHM_API int shm_gather_finish_strided(shm_handle *h, void *const *outs, uint64_t block,
+                                      uint64_t stride);
+/* Called by every rank's waits about every 20 ms while asleep (NULL: none). A non-zero return
+ * fails the op with an "interrupted" error, aborts the group (peers fail too) and sets
+ * shm_interrupted(h). Python registers PyOS_InterruptOccurred, so SIGINT reaches a waiting rank. */
+SHM_API void shm_set_interrupt_check(int (*check)(void));
+SHM_API int shm_interrupted(shm_handle *h);
 /* all_to_all(v): rank d receives [head[d] (head_bytes[d])][body]; body = body_bytes[d] bytes at
  * body[d], or, with body_idx, the rows body[d][body_idx[d][i] * row_bytes ...]. heads / body_idx
  * may be NULL. begin returns, per source rank, the head and body bytes to expect; finish

@@ -239,7 +239,26 @@ int shm_all_gather_begin(shm_handle *h, const void *in, uint64_t nbytes, uint64_
   return gather_begin(h, SHM_OP_ALL_GATHER, 0, in, nbytes, row_bytes, dtype, sizes_out);
 }
 
-int shm_gather_finish(shm_handle *h, void *const *outs) {
+/* Copy stream bytes [off, off + len) of one rank to its destination: contiguous when block is
+ * 0, else byte k lands at dst + (k / block) * stride + k % block (an all-gather along an inner
+ * dim writes each rank's rows straight into their interleaved place in the caller's output). */
+static void copy_out(char *dst, uint64_t block, uint64_t stride, uint64_t off, const char *src,
+                     uint64_t len) {
+  if (block == 0) {
+    memcpy(dst + off, src, len);
+    return;
+  }
+  while (len) {
+    const uint64_t b = off / block, o = off % block;
+    const uint64_t take = block - o < len ? block - o : len;
+    memcpy(dst + b * stride + o, src, take);
+    src += take;
+    off += take;
+    len -= take;
+  }
+}
+
+int shm_gather_finish_strided(shm_handle *h, void *const *outs, uint64_t block, uint64_t stride) {
   const int op = h->pend_op;
   if (op != SHM_OP_GATHER && op != SHM_OP_ALL_GATHER)
     return shm_fail(h, SHM_FAIL_ABORT,
@@ -266,13 +285,17 @@ int shm_gather_finish(shm_handle *h, void *const *outs) {
         if (b <= off) continue;
         const uint64_t len = b - off < C ? b - off : C;
         const char *from = p == h->rank ? mine->ptr + off : slot(h, p, h->step);
-        memcpy((char *)outs[p] + off, from, len);
+        copy_out((char *)outs[p], block, stride, off, from, len);
       }
     }
     step_end(h);
   }
   h->pend_op = 0;
   return 0;
+}
+
+int shm_gather_finish(shm_handle *h, void *const *outs) {
+  return shm_gather_finish_strided(h, outs, 0, 0);
 }
 
 /* ---- all_to_all(v): rank r's slot half is cut into `world` sub-buffers, one per receiver ---- */

@@ -30,6 +30,7 @@ static const char *op_name(uint64_t op) {
     case SHM_EP_OP_DISPATCH: return "dispatch";
     case SHM_EP_OP_COMBINE: return "combine";
     case SHM_EP_OP_DESTROYED: return "destroy";
+    case SHM_EP_OP_AGREE: return "dispatch without a handle (agreeing on one)";
     default: return "nothing yet";
   }
 }
@@ -130,17 +131,19 @@ void *shm_ep_region(shm_ep *ep, int slot, int receiver, int half, int which) {
 /* ---- calls and mismatch detection ---- */
 
 static inline uint64_t cur_word(uint64_t call, int slot, uint64_t op, uint64_t seq) {
-  return (call << 32) | ((uint64_t)slot << 27) | (op << 25) | (seq & 0x1ffffffu);
+  return (call << 32) | ((uint64_t)slot << 27) | (op << 24) | (seq & 0xffffffu);
 }
 
+static inline uint64_t cur_op(uint64_t c) { return (c >> 24) & 7u; }
+
 static void describe(uint64_t c, char *buf, size_t n) {
-  const uint64_t op = (c >> 25) & 3u;
-  if (op == SHM_EP_OP_DESTROYED || op == 0)
-    snprintf(buf, n, "%s (call %llu)", op_name(op), (unsigned long long)(c >> 32));
-  else
+  const uint64_t op = cur_op(c);
+  if (op == SHM_EP_OP_DISPATCH || op == SHM_EP_OP_COMBINE)
     snprintf(buf, n, "%s on handle slot %llu, dispatch #%llu (call %llu)", op_name(op),
-             (unsigned long long)((c >> 27) & 31u), (unsigned long long)(c & 0x1ffffffu),
+             (unsigned long long)((c >> 27) & 31u), (unsigned long long)(c & 0xffffffu),
              (unsigned long long)(c >> 32));
+  else
+    snprintf(buf, n, "%s (call %llu)", op_name(op), (unsigned long long)(c >> 32));
 }
 
 typedef struct {
@@ -156,8 +159,10 @@ static int check_peer(shm_handle *h, void *p) {
   const uint64_t c = atomic_load_explicit(&w->ep->ranks[w->peer].cur, memory_order_acquire);
   if (c == w->mine) return 0;
   const int32_t ahead = (int32_t)((uint32_t)(c >> 32) - (uint32_t)(w->mine >> 32));
-  const uint64_t op = (c >> 25) & 3u;
-  if (ahead < 0 && op != SHM_EP_OP_DESTROYED) return 0; /* the peer is still on an earlier call */
+  if (ahead < 0 && cur_op(c) != SHM_EP_OP_DESTROYED) return 0; /* still on an earlier call */
+  /* A dispatch without a handle agrees on one first, under the same call number. */
+  if (ahead == 0 && cur_op(c) == SHM_EP_OP_AGREE && cur_op(w->mine) == SHM_EP_OP_DISPATCH)
+    return 0;
   /* The peer posts its stamp before its next call: if it moved on, the stamp may just have
    * arrived. */
   if (shm_stamp_ge(atomic_load_explicit(w->word, memory_order_acquire), w->target)) return 0;
@@ -166,7 +171,8 @@ static int check_peer(shm_handle *h, void *p) {
   describe(c, b, sizeof b);
   return shm_fail(h, SHM_FAIL_ABORT,
                   "shm EP group '%s': the ranks made different calls: rank %d is in %s, rank %d "
-                  "in %s (every rank must dispatch and combine the same handles in the same order)",
+                  "in %s (every rank must dispatch and combine the same handles in the same "
+                  "order; this manager is unusable now)",
                   h->name, h->rank, a, w->peer, b);
 }
 
@@ -340,5 +346,29 @@ int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
 int shm_ep_combine_done(shm_ep *ep, int slot, uint64_t seq) {
   if (!usable_slot(ep, slot)) return -1;
   publish(ep, slot, SHM_EP_DONE, seq);
+  return 0;
+}
+
+int shm_ep_agree(shm_ep *ep, uint64_t call, uint64_t seq, const int64_t *mine, int words,
+                 int64_t *out) {
+  shm_handle *h = ep->h;
+  if (shm_check_usable(h)) return -1;
+  if (words < 1 || words > SHM_EP_AGREE_WORDS)
+    return shm_fail(h, SHM_FAIL_ARG, "EP agreement of %d words outside [1, %d]", words,
+                    SHM_EP_AGREE_WORDS);
+  const uint64_t c = cur_word(call, 0, SHM_EP_OP_AGREE, seq);
+  post_cur(ep, c);
+  shm_ep_rank_ctl *me = &ep->ranks[h->rank];
+  /* A rank writes parity seq & 1 only after every peer published seq - 1, i.e. finished
+   * reading seq - 2 (it reads right after its wait and before publishing again). */
+  memcpy(me->agree[seq & 1u], mine, (size_t)words * sizeof(int64_t));
+  shm_publish(&me->agree_seq, &me->waiters, (uint32_t)seq + 1u);
+  for (int p = 0; p < h->world; ++p) {
+    if (p == h->rank) continue;
+    if (wait_peer(ep, p, &ep->ranks[p].agree_seq, (uint32_t)seq + 1u, c, "agreement")) return -1;
+  }
+  for (int p = 0; p < h->world; ++p)
+    memcpy(out + (size_t)p * (size_t)words, ep->ranks[p].agree[seq & 1u],
+           (size_t)words * sizeof(int64_t));
   return 0;
 }

@@ -38,11 +38,16 @@
 #define SHM_EP_MAX_SLOTS 32
 #define SHM_EP_REMOTE 1 /* a rank posted an error: see peer_err */
 
-enum { SHM_EP_OP_DISPATCH = 1, SHM_EP_OP_COMBINE = 2, SHM_EP_OP_DESTROYED = 3 };
+enum { SHM_EP_OP_DISPATCH = 1, SHM_EP_OP_COMBINE = 2, SHM_EP_OP_DESTROYED = 3,
+       SHM_EP_OP_AGREE = 4 };
+
+#define SHM_EP_AGREE_WORDS 96 /* int64 words of one rank's agreement header */
 
 typedef struct {
-  _Alignas(64) _Atomic uint64_t cur; /* (call number << 32) | (slot << 27) | (op << 25) | seq */
+  _Alignas(64) _Atomic uint64_t cur; /* (call << 32) | (slot << 27) | (op << 24) | seq (24 bits) */
   _Atomic uint32_t waiters;          /* peers sleeping on this rank's stamps */
+  _Alignas(64) _Atomic uint32_t agree_seq;         /* agreements published (seq + 1) */
+  int64_t agree[2][SHM_EP_AGREE_WORDS];             /* header of agreement seq, by parity */
 } shm_ep_rank_ctl;
 
 typedef struct {
@@ -111,5 +116,10 @@ SHM_API int shm_ep_combine_done(shm_ep *ep, int slot, uint64_t seq);
 SHM_API int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq);
 /* Tell the peers this rank will make no further call (they fail at once if they wait on it). */
 SHM_API void shm_ep_post_destroyed(shm_ep *ep, uint64_t call);
+/* A small all-gather of `words` int64 (<= SHM_EP_AGREE_WORDS) for call `call`: the agreement
+ * a dispatch without a handle makes before it picks one. `out` receives [world][words]. The
+ * same mismatch detection as dispatch / combine applies. */
+SHM_API int shm_ep_agree(shm_ep *ep, uint64_t call, uint64_t seq, const int64_t *mine,
+                         int words, int64_t *out);
 
 #endif /* MOE_EP_SHM_EP_H */

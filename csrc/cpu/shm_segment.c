@@ -29,6 +29,10 @@
 #define LIVENESS_PERIOD_NS (50LL * 1000 * 1000)
 
 static __thread char g_init_error[SHM_ERR_LEN];
+static int (*_Atomic g_interrupt_check)(void);
+
+void shm_set_interrupt_check(int (*check)(void)) { atomic_store(&g_interrupt_check, check); }
+int shm_interrupted(shm_handle *h) { return h ? h->interrupted : 0; }
 
 static int64_t now_ns(void) {
   struct timespec ts;
@@ -186,6 +190,13 @@ int shm_wait_ge_checked(shm_handle *h, _Atomic uint32_t *word, _Atomic uint32_t 
     atomic_fetch_sub_explicit(waiters, 1, memory_order_seq_cst);
     if (shm_stamp_ge(atomic_load_explicit(word, memory_order_acquire), target)) return 0;
     if (check_abort(h)) return -1;
+    int (*interrupt_check)(void) = atomic_load(&g_interrupt_check);
+    if (interrupt_check && interrupt_check()) {
+      h->interrupted = 1;
+      return shm_fail(h, SHM_FAIL_ABORT,
+                      "shm group '%s': rank %d was interrupted (SIGINT) while waiting for rank %d "
+                      "in %s", h->name, h->rank, peer, what);
+    }
     if (check && check(h, ctx)) return -1;
     t = now_ns();
     if (t - h->last_liveness_ns >= LIVENESS_PERIOD_NS) {

@@ -3,13 +3,21 @@
 Each coordinator owns a gloo `cpu_group` (CPU tensors, Python objects) and a `device_group`
 (NCCL on CUDA; the same gloo group on CPU). Names and semantics follow vLLM's
 `GroupCoordinator`; ranks passed as `src` / `dst` are ranks *in the group*. A group of one rank
-never communicates. On CPU, when every rank of the group is on one node, the shared-memory
-collectives of `moe_ep.distributed.shm` replace gloo for the bulk operations.
+never communicates.
+
+At construction (collective over the group) it decides `same_node`, then picks one
+communicator for CPU tensors (shared memory when every rank is on one node and the native
+library loads, gloo otherwise) and one for device tensors (NCCL + custom all-reduce on CUDA),
+and logs why (`moe_ep.distributed.group`). Every collective validates its arguments here, with
+errors that name the argument, and delegates to the communicator of the tensor's device; the
+transports' own rules live in `moe_ep.distributed.communicators`. Every wait is bounded by
+`timeout_s`; a failed collective raises on the survivors and leaves the group unusable.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import logging
 import os
 import pickle
 import secrets
@@ -17,15 +25,22 @@ import socket
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-_DEFAULT_TIMEOUT_S = 300.0
-# dtypes the shared-memory all-reduce sums natively (in fp32); others go through gloo.
-_SHM_REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from moe_ep.distributed.communicators import (
+    CudaCommunicator,
+    DeviceCommunicatorBase,
+    GlooCommunicator,
+    SharedMemoryCommunicator,
+)
+from moe_ep.distributed.shm import ShmCommunicator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,19 +64,34 @@ class GroupCoordinator:
             exactly one of them.
         name: a label for errors and logs ("tp", "ep", ...).
         use_shm: use shared-memory collectives for CPU groups on one node (gloo otherwise).
-        timeout_s: how long a shared-memory wait for a peer may last (default 300 s); the
-            managers built on the group use it too.
+        use_custom_allreduce: on CUDA, try the CUDA IPC all-reduce for small tensors (it is
+            used only where it qualifies; NCCL otherwise).
+        timeout_s: how long any collective of this group may wait for a peer, in seconds (gloo
+            groups and the shared-memory layer alike). None: the world group's timeout (set by
+            `init_distributed(timeout=...)` or `init_process_group`).
+
+    Attributes:
+        timeout_s: the group's timeout (float seconds).
+        same_node: True when every rank of the group runs on one node (decided collectively
+            once, at construction; True for a group of one rank).
     """
 
-    def __init__(self, group_ranks: Sequence[Sequence[int]], name: str, *, use_shm: bool = True,
-                 timeout_s: float | None = None):
+    def __init__(
+        self,
+        group_ranks: Sequence[Sequence[int]],
+        name: str,
+        *,
+        use_shm: bool = True,
+        timeout_s: float | None = None,
+        use_custom_allreduce: bool = True,
+    ):
         if not dist.is_initialized():
             raise RuntimeError(
                 f"GroupCoordinator({name!r}) needs torch.distributed to be initialised: "
                 "call moe_ep.distributed.init_distributed() (or launch with torchrun) first"
             )
         self.name = name
-        self.timeout_s = float(timeout_s) if timeout_s is not None else _DEFAULT_TIMEOUT_S
+        self.timeout_s = _check_timeout(timeout_s, name)
         self.rank = dist.get_rank()
         world = dist.get_world_size()
         groups = _validate_group_ranks(group_ranks, world, self.rank, name)
@@ -75,15 +105,18 @@ class GroupCoordinator:
         self.ranks: list[int] = []
         self._cpu_group: ProcessGroup | None = None
         self._device_group: ProcessGroup | None = None
+        timeout = timedelta(seconds=self.timeout_s)
+        # The world group is reused unless this group asks for another timeout.
+        reuse_world = self.timeout_s == world_timeout_s()
         for ranks in groups:
-            if len(ranks) == world:
+            if len(ranks) == world and reuse_world:
                 device_group = dist.group.WORLD
             else:
-                device_group = dist.new_group(ranks, backend=backend)
+                device_group = dist.new_group(ranks, backend=backend, timeout=timeout)
             if backend == "gloo":
                 cpu_group = device_group
             else:
-                cpu_group = dist.new_group(ranks, backend="gloo")
+                cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
             if self.rank in ranks:
                 self.ranks = list(ranks)
                 self._cpu_group, self._device_group = cpu_group, device_group
@@ -91,9 +124,58 @@ class GroupCoordinator:
         self.rank_in_group = self.ranks.index(self.rank)
         self.first_rank = self.ranks[0]
         self.last_rank = self.ranks[-1]
-        self.shm = None
-        self.shm = self._create_shm() if use_shm else None
+        # Collective on the new groups, so also a rendezvous: no rank can destroy a group while a
+        # peer is still connecting to it (gloo then fails with "Connection closed by peer").
+        self.same_node = self.world_size == 1 or all(
+            _same_node_flags(self._cpu_group, self.rank_in_group, 0, self.ranks)
+        )
+        self._communicators(use_shm, use_custom_allreduce)
         _LIVE.add(self)
+
+    def _communicators(self, use_shm: bool, use_custom_allreduce: bool) -> None:
+        """Pick, once, the communicator for CPU tensors and the one for device tensors."""
+        self._gloo = GlooCommunicator(
+            self._cpu_group, self._cpu_group, self.ranks, self.rank_in_group, self.name
+        )
+        self._cpu_comm: DeviceCommunicatorBase = self._gloo
+        self._device_comm: DeviceCommunicatorBase = self._gloo
+        self._shm_comm: SharedMemoryCommunicator | None = None
+        if self.world_size == 1:
+            return
+        if self.device.type != "cpu":
+            why = "CPU tensors of a CUDA world stay on gloo"
+        elif not use_shm:
+            why = "use_shm=False"
+        elif not self.same_node:
+            why = "the group spans more than one node"
+        else:
+            self._shm_comm, why = SharedMemoryCommunicator.create(
+                self._cpu_group, self.ranks, self.rank_in_group, self.name, self._gloo,
+                self.timeout_s,
+            )
+        if self._shm_comm is not None:
+            self._cpu_comm = self._shm_comm
+            logger.info("group %r (%d ranks): CPU collectives over shared memory (%s)",
+                        self.name, self.world_size, why)
+        else:
+            logger.info("group %r (%d ranks): CPU collectives over gloo: %s",
+                        self.name, self.world_size, why)
+        if self.device.type == "cuda":
+            self._device_comm = CudaCommunicator(
+                self._cpu_group, self._device_group, self.ranks, self.rank_in_group, self.name,
+                device=self.device, same_node=self.same_node,
+                use_custom_allreduce=use_custom_allreduce,
+            )
+
+    @property
+    def shm(self) -> ShmCommunicator | None:
+        """The group's shared-memory transport, or None when its CPU tensors use gloo."""
+        return None if self._shm_comm is None else self._shm_comm.shm
+
+    @property
+    def communicators(self) -> dict[str, DeviceCommunicatorBase]:
+        """The communicator used for CPU tensors and the one for device tensors."""
+        return {"cpu": self._cpu_comm, "device": self._device_comm}
 
     @property
     def cpu_group(self) -> ProcessGroup:
@@ -113,37 +195,13 @@ class GroupCoordinator:
         if self._destroyed:
             raise RuntimeError(f"GroupCoordinator({self.name!r}) was destroyed; build a new one")
 
-    # ------------------------------------------------------------------ setup
-    def _create_shm(self):
-        """The shared-memory communicator, when this CPU group lives on one node."""
-        if self.world_size == 1 or self.device.type != "cpu":
-            return None
-        if importlib.util.find_spec("moe_ep.distributed.shm") is None:
-            return None
-        from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
-
-        # Every rank must take the same decision or the next collective would mismatch, so
-        # both inputs are agreed collectively (availability is per host, and a group may span
-        # hosts).
-        same_node = _same_node_flags(self.cpu_group, self.rank_in_group, 0)
-        usable = self.all_gather_object(ShmCommunicator.available()[0])
-        if not (all(same_node) and all(usable)):
-            return None
-        try:
-            return ShmCommunicator(self.cpu_group, self.rank_in_group, self.world_size, self.name,
-                                   timeout_s=self.timeout_s)
-        except ShmUnavailableError:
-            # Raised on every rank alike (e.g. /dev/shm full, ranks in separate containers).
-            return None
-
     def destroy(self) -> None:
         """Free the shared-memory segments and the process groups (idempotent)."""
         if self._destroyed:
             return
         self._destroyed = True
-        if self.shm is not None:
-            self.shm.destroy()
-            self.shm = None
+        for comm in {id(c): c for c in (self._device_comm, self._cpu_comm)}.values():
+            comm.destroy()
         _LIVE.discard(self)
         for group in {id(g): g for g in (self._cpu_group, self._device_group)}.values():
             if group is not None and group is not dist.group.WORLD:
@@ -153,7 +211,8 @@ class GroupCoordinator:
     def __repr__(self) -> str:
         return (
             f"GroupCoordinator(name={self.name!r}, ranks={self.ranks}, "
-            f"rank_in_group={self.rank_in_group}, device={self.device}, shm={self.shm is not None})"
+            f"rank_in_group={self.rank_in_group}, device={self.device}, "
+            f"cpu={self._cpu_comm.transport}, device_comm={self._device_comm.transport})"
         )
 
     # ---------------------------------------------------------------- helpers
@@ -165,11 +224,10 @@ class GroupCoordinator:
     def is_last_rank(self) -> bool:
         return self.rank == self.last_rank
 
-    def _group_for(self, x: torch.Tensor) -> ProcessGroup:
-        return self.cpu_group if x.device.type == "cpu" else self.device_group
-
-    def _use_shm(self, x: torch.Tensor) -> bool:
-        return self.shm is not None and x.device.type == "cpu"
+    def _comm(self, x: torch.Tensor) -> DeviceCommunicatorBase:
+        """The communicator for `x`'s device (picked at construction)."""
+        self._check_alive()
+        return self._cpu_comm if x.device.type == "cpu" else self._device_comm
 
     def _check_rank(self, value: int, arg: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -195,37 +253,37 @@ class GroupCoordinator:
         return sizes
 
     # ------------------------------------------------------------ collectives
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` (any shape and dtype) over the group; a new tensor (`x` itself if world 1)."""
-        _check_tensor(x, "x", self.name)
-        if self.world_size == 1:
-            return x
-        if self._use_shm(x) and x.dtype in _SHM_REDUCE_DTYPES:
-            return self.shm.all_reduce(x.contiguous())
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=self._group_for(x))
-        return out
+    def all_reduce(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum `x` (any shape and dtype) over the group.
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenate every rank's `x` (same shape everywhere) along `dim`."""
+        Returns a new tensor (`x` itself if world 1), or `out` when given: `out=x` sums in place
+        (vLLM's in-place op), another contiguous tensor of x's shape, dtype and device receives
+        the sum; `x` is never modified otherwise.
+        """
+        _check_tensor(x, "x", self.name)
+        if out is not None:
+            _check_out(out, x, tuple(x.shape), self.name)
+        if self.world_size == 1:
+            return x if out is None or out is x else out.copy_(x)
+        return self._comm(x).all_reduce(x.contiguous(), out)
+
+    def all_gather(
+        self, x: torch.Tensor, dim: int = -1, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Concatenate every rank's `x` (same shape everywhere) along `dim`.
+
+        `out` (optional): a contiguous tensor of the result's shape (x's, with `dim` times
+        world_size), dtype and device, that receives it (returned).
+        """
         _check_tensor(x, "x", self.name)
         dim = _check_dim(x, dim, self.name)
+        if out is not None:
+            shape = list(x.shape)
+            shape[dim] *= self.world_size
+            _check_out(out, x, tuple(shape), self.name)
         if self.world_size == 1:
-            return x
-        parts = self._all_gather_parts(x.contiguous())
-        return torch.cat(parts, dim=dim)
-
-    def _all_gather_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's (contiguous) `x`, in rank order; shapes must be equal."""
-        if self._use_shm(x):
-            return self.shm.all_gather(x)
-        if x.device.type == "cuda":
-            out = x.new_empty((self.world_size, *x.shape))
-            dist.all_gather_into_tensor(out, x, group=self.device_group)
-            return list(out.unbind(0))
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.cpu_group)
-        return parts
+            return x if out is None else out.copy_(x)
+        return self._comm(x).all_gather(x.contiguous(), dim, out)
 
     def all_gatherv(
         self,
@@ -255,21 +313,12 @@ class GroupCoordinator:
                     f"{self.name}: x[{i}] has {t.shape[d]} rows along dim {d} but "
                     f"sizes[{self.rank_in_group}]={sizes[self.rank_in_group]}"
                 )
-            out.append(t if self.world_size == 1 else self._gatherv(t, d, sizes))
+            if self.world_size == 1:
+                out.append(t)
+                continue
+            rows = t.movedim(d, 0).contiguous()
+            out.append(self._comm(rows).all_gatherv(rows, sizes).movedim(0, d))
         return out[0] if isinstance(x, torch.Tensor) else out
-
-    def _gatherv(self, t: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor:
-        rows = t.movedim(dim, 0).contiguous()
-        if self._use_shm(rows):
-            return self.shm.all_gather_flat(rows).movedim(0, dim)
-        # torch.distributed all-gathers need equal shapes: pad to the largest extent.
-        longest = max(sizes)
-        if longest == 0:
-            return t.new_empty(t.shape)
-        padded = rows.new_zeros((longest, *rows.shape[1:]))
-        padded[: rows.shape[0]] = rows
-        parts = [p[:n] for p, n in zip(self._all_gather_parts(padded), sizes, strict=True)]
-        return torch.cat(parts, dim=0).movedim(0, dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Sum `x` over the group and keep this rank's equal slice along `dim`."""
@@ -298,21 +347,7 @@ class GroupCoordinator:
         if self.world_size == 1:
             return x
         rows = x.movedim(dim, 0).contiguous()
-        start = sum(sizes[: self.rank_in_group])
-        mine = sizes[self.rank_in_group]
-        if rows.device.type == "cuda":
-            out = rows.new_empty((mine, *rows.shape[1:]))
-            dist.reduce_scatter(out, list(rows.split(sizes)), group=self.device_group)
-        elif self._use_shm(rows) and hasattr(self.shm, "reduce_scatter") and (
-            rows.dtype in _SHM_REDUCE_DTYPES
-        ):
-            row_numel = rows[0].numel() if rows.shape[0] else 0
-            flat = self.shm.reduce_scatter(rows.reshape(-1), [n * row_numel for n in sizes])
-            out = flat.view(mine, *rows.shape[1:])
-        else:
-            # gloo has no reduce-scatter: sum everything, keep my slice.
-            out = self.all_reduce(rows)[start : start + mine]
-        return out.movedim(0, dim).contiguous()
+        return self._comm(rows).reduce_scatterv(rows, sizes).movedim(0, dim).contiguous()
 
     def all_to_all_single(
         self,
@@ -354,18 +389,7 @@ class GroupCoordinator:
             recvs = [sends[0]] * self.world_size
         if self.world_size == 1:
             return x.clone()
-        x = x.contiguous()
-        if self._use_shm(x):
-            out = self.shm.all_to_all_single(x, sends)
-            if out.shape[0] != sum(recvs):
-                raise RuntimeError(
-                    f"{self.name}: all_to_all_single expected {sum(recvs)} rows in all "
-                    f"(output_split_sizes={recvs}), got {out.shape[0]}"
-                )
-            return out
-        out = x.new_empty((sum(recvs), *x.shape[1:]))
-        dist.all_to_all_single(out, x, recvs, sends, group=self._group_for(x))
-        return out
+        return self._comm(x).all_to_all(x.contiguous(), recvs, sends)
 
     def gather(self, x: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """Concatenate every rank's `x` along `dim` on rank `dst`; None on the other ranks."""
@@ -374,14 +398,7 @@ class GroupCoordinator:
         self._check_rank(dst, "dst")
         if self.world_size == 1:
             return x
-        x = x.contiguous()
-        if self._use_shm(x):
-            parts = self.shm.gather(x, dst)
-        else:
-            mine = self.rank_in_group == dst
-            parts = [torch.empty_like(x) for _ in range(self.world_size)] if mine else None
-            dist.gather(x, parts, dst=self.ranks[dst], group=self._group_for(x))
-        return None if parts is None else torch.cat(parts, dim=dim)
+        return self._comm(x).gather(x.contiguous(), dst, dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `x` on every rank with rank `src`'s `x` (in place; returns `x`)."""
@@ -391,8 +408,7 @@ class GroupCoordinator:
             return x
         if not x.is_contiguous():
             raise ValueError(f"{self.name}: broadcast writes in place and needs a contiguous x")
-        dist.broadcast(x, src=self.ranks[src], group=self._group_for(x))
-        return x
+        return self._comm(x).broadcast(x, src)
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank `src`'s picklable `obj` on every rank."""
@@ -426,31 +442,23 @@ class GroupCoordinator:
         if self.rank_in_group == src:
             metadata, tensors = _split_tensor_dict(tensor_dict, self.name)
             self.broadcast_object(metadata, src)
-            for t in tensors:
-                if t.numel():
-                    dist.broadcast(t, src=self.ranks[src], group=self._group_for(t))
-            return tensor_dict
-        metadata = self.broadcast_object(None, src)
-        out, tensors = self._allocate(metadata)
+        else:
+            metadata = self.broadcast_object(None, src)
+            tensor_dict, tensors = self._allocate(metadata)
         for t in tensors:
             if t.numel():
-                dist.broadcast(t, src=self.ranks[src], group=self._group_for(t))
-        return out
+                self._comm(t).broadcast(t, src)
+        return tensor_dict
 
     def send_tensor_dict(self, tensor_dict: dict[str, Any], dst: int) -> None:
         """Send a dict (like `broadcast_tensor_dict`) to `dst`; it calls `recv_tensor_dict`."""
         self._check_peer(dst, "dst")
         metadata, tensors = _split_tensor_dict(tensor_dict, self.name)
         dist.send_object_list([metadata], dst=self.ranks[dst], group=self.cpu_group)
-        cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
-        if self.shm is not None:
-            self.shm.send_tensor_list(cpu, dst)
-        else:
-            for t in cpu:
-                dist.send(t, dst=self.ranks[dst], group=self.cpu_group)
-        for t in tensors:
-            if t.device.type != "cpu" and t.numel():
-                dist.send(t, dst=self.ranks[dst], group=self.device_group)
+        for on_cpu in (True, False):
+            part = [t for t in tensors if (t.device.type == "cpu") == on_cpu and t.numel()]
+            if part:
+                self._comm(part[0]).send_tensor_list(part, dst)
 
     def recv_tensor_dict(self, src: int) -> dict[str, Any]:
         """Receive the dict rank `src` sent with `send_tensor_dict`."""
@@ -458,21 +466,38 @@ class GroupCoordinator:
         box = [None]
         dist.recv_object_list(box, src=self.ranks[src], group=self.cpu_group)
         out, tensors = self._allocate(box[0])
-        cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
-        if self.shm is not None:
-            received = self.shm.recv_tensor_list(src)
-            if [r.shape for r in received] != [t.shape for t in cpu]:
-                raise RuntimeError(
-                    f"{self.name}: recv_tensor_dict got tensors that do not match the metadata"
-                )
-            for t, r in zip(cpu, received, strict=True):
-                t.copy_(r)
-        else:
-            for t in cpu:
-                dist.recv(t, src=self.ranks[src], group=self.cpu_group)
-        for t in tensors:
-            if t.device.type != "cpu" and t.numel():
-                dist.recv(t, src=self.ranks[src], group=self.device_group)
+        for on_cpu in (True, False):
+            part = [t for t in tensors if (t.device.type == "cpu") == on_cpu and t.numel()]
+            if part:
+                self._comm(part[0]).recv_tensor_list_into(part, src)
+        return out
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Send contiguous `x` to rank `dst`, which calls `recv(x.shape, x.dtype, src)`."""
+        _check_tensor(x, "x", self.name)
+        self._check_peer(dst, "dst")
+        self._comm(x).send(x.contiguous(), dst)
+
+    def recv(
+        self, size: Sequence[int], dtype: torch.dtype, src: int, device: str = "cpu"
+    ) -> torch.Tensor:
+        """A new tensor `[*size]` of `dtype` on `device` ("cpu" or "cuda": this group's
+        device) holding what rank `src` sent with `send`."""
+        self._check_peer(src, "src")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"{self.name}: device must be 'cpu' or 'cuda', got {device!r}")
+        comm = self._cpu_comm if device == "cpu" else self._device_comm
+        self._check_alive()
+        return comm.recv(tuple(size), dtype, src)
+
+    def recv_into(self, out: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive what rank `src` sent with `send` straight into `out` (contiguous, the sent
+        shape and dtype, on this rank's CPU or device); returns `out`."""
+        _check_tensor(out, "out", self.name)
+        self._check_peer(src, "src")
+        if not out.is_contiguous():
+            raise ValueError(f"{self.name}: out must be contiguous")
+        self._comm(out).recv_tensor_list_into([out], src)
         return out
 
     def barrier(self) -> None:
@@ -508,48 +533,56 @@ def in_the_same_node_as(group: GroupCoordinator, source_rank: int = 0) -> list[b
 
 
 def _same_node_flags(
-    cpu_group: ProcessGroup, rank_in_group: int, source: int, ranks: list[int] | None = None
+    cpu_group: ProcessGroup, rank_in_group: int, source: int, ranks: list[int]
 ) -> list[bool]:
     """The source creates a small shared-memory file; the ranks that can read it share its node.
 
     Host names are not enough: containers on one host may report different names yet share
-    memory, and two hosts may share a name.
+    memory, and two hosts may share a name. The name is broadcast *before* the file exists, and
+    every rank that learned it unlinks it at the end (missing is fine), so a source that dies
+    at any point leaves nothing in /dev/shm once its peers return (with an error). Three small
+    collectives: the name, whether the file was made, the flags.
     """
-    ranks = ranks if ranks is not None else dist.get_process_group_ranks(cpu_group)
-    magic = secrets.token_bytes(16)
-    path = None
     if rank_in_group == source:
-        try:
-            path = f"/dev/shm/moe_ep_probe_{os.getpid()}_{secrets.token_hex(8)}"
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(magic)
-        except OSError:
-            # No usable /dev/shm: must not raise before the collective below (the peers would
-            # wait forever); they compare host names instead.
-            path = None
-        box = [(path, magic, socket.gethostname())]
+        token = f"{os.getpid()}_{secrets.token_hex(8)}"
+        box = [(f"/dev/shm/moe_ep_probe_{token}", secrets.token_bytes(16), socket.gethostname())]
     else:
         box = [None]
+    dist.broadcast_object_list(box, src=ranks[source], group=cpu_group)
+    path, magic, host = box[0]
     try:
-        dist.broadcast_object_list(box, src=ranks[source], group=cpu_group)
-        probe, expected, host = box[0]
+        made = [_write_probe(path, magic) if rank_in_group == source else None]
+        # (The source must reach this collective even if it could not write: no raising above.)
+        dist.broadcast_object_list(made, src=ranks[source], group=cpu_group)
         if rank_in_group == source:
             mine = True
-        elif probe is None:
-            mine = socket.gethostname() == host
+        elif not made[0]:
+            mine = socket.gethostname() == host  # no usable /dev/shm on the source
         else:
             try:
-                with open(probe, "rb") as f:
-                    mine = f.read(len(expected)) == expected
+                with open(path, "rb") as f:
+                    mine = f.read(len(magic)) == magic
             except OSError:
                 mine = False
         flags: list[Any] = [None] * len(ranks)
         dist.all_gather_object(flags, mine, group=cpu_group)
     finally:
-        if path is not None:
+        # Every rank has read the file once the flags are gathered; on an error, whoever knows
+        # the name removes it.
+        with contextlib.suppress(OSError):
             os.unlink(path)
     return [bool(f) for f in flags]
+
+
+def _write_probe(path: str, magic: bytes) -> bool:
+    """Create the probe file (private, exclusive); False when /dev/shm is unusable."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(magic)
+    except OSError:
+        return False
+    return True
 
 
 def _validate_group_ranks(
@@ -587,6 +620,18 @@ def _validate_group_ranks(
 def _check_tensor(x: Any, arg: str, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_out(out: Any, x: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != x.dtype or tuple(out.shape) != shape or out.device != x.device:
+        raise ValueError(
+            f"{name}: out must be {x.dtype} {shape} on {x.device}, got {out.dtype} "
+            f"{tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: out must be contiguous")
 
 
 def _check_dim(x: torch.Tensor, dim: int, name: str) -> int:
@@ -635,6 +680,34 @@ def destroy_live_groups() -> None:
     """Destroy every GroupCoordinator of this process that is still alive."""
     for group in list(_LIVE):
         group.destroy()
+
+
+# torch.distributed's own default, for a world whose timeout cannot be read back.
+_FALLBACK_TIMEOUT_S = 1800.0
+
+
+def world_timeout_s() -> float:
+    """The timeout of the default (world) process group, in seconds."""
+    world = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return world._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):
+            continue
+    return _FALLBACK_TIMEOUT_S
+
+
+def _check_timeout(timeout_s: float | None, name: str) -> float:
+    if timeout_s is None:
+        return world_timeout_s()
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
+        0 < timeout_s < float("inf")
+    ):
+        raise ValueError(
+            f"GroupCoordinator({name!r}): timeout_s must be a finite number of seconds > 0 "
+            f"(or None for the world's timeout), got {timeout_s!r}"
+        )
+    return float(timeout_s)
 
 
 def _device_for(backend: str, name: str) -> torch.device:

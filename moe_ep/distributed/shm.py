@@ -33,6 +33,7 @@ import mmap
 import os
 import re
 import secrets
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "CARRIED_DTYPES",
+    "REDUCE_DTYPES",
     "RowsExchange",
     "ShmCommunicator",
     "ShmError",
@@ -86,6 +89,10 @@ _DTYPES: tuple[torch.dtype, ...] = tuple(
     if d is not None
 )
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+#: dtypes the reductions sum natively (accumulating in fp32)
+REDUCE_DTYPES: tuple[torch.dtype, ...] = tuple(_REDUCE_CODES)
+#: dtypes the data-movement ops (gathers, all-to-all, tensor lists) carry
+CARRIED_DTYPES: tuple[torch.dtype, ...] = _DTYPES
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,6 +175,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_gather_begin": (i32, [vp, i32, vp, u64, u64, i32, vp]),
         "shm_all_gather_begin": (i32, [vp, vp, u64, u64, i32, vp]),
         "shm_gather_finish": (i32, [vp, vp]),
+        "shm_gather_finish_strided": (i32, [vp, vp, u64, u64]),
+        "shm_set_interrupt_check": (None, [vp]),
+        "shm_interrupted": (i32, [vp]),
         "shm_all_to_all_begin": (i32, [vp, vp, vp, vp, vp, vp, u64, i32, vp, vp]),
         "shm_all_to_all_finish": (i32, [vp, vp, vp]),
         "shm_ep_control_bytes": (u64, [i32]),
@@ -182,6 +192,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_ep_combine_done": (i32, [vp, i32, u64]),
         "shm_ep_retire": (i32, [vp, i32, u64]),
         "shm_ep_post_destroyed": (None, [vp, u64]),
+        "shm_ep_agree": (i32, [vp, u64, u64, vp, i32, vp]),
         "shm_send_tensor_list": (i32, [vp, i32, i32, vp, vp, vp, u64]),
         "shm_recv_begin": (i32, [vp, i32, vp, vp]),
         "shm_recv_bytes": (i32, [vp, i32, vp, u64]),
@@ -196,7 +207,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{path} has ABI {lib.shm_abi_version()}, expected {_ABI_VERSION}; reinstall"
     if not os.path.isdir("/dev/shm"):
         return None, "/dev/shm is missing"
+    lib.shm_set_interrupt_check(ctypes.cast(_INTERRUPT_CHECK, ctypes.c_void_p))
     return lib, ""
+
+
+# Polled by every sleeping wait (about every 20 ms). A ctypes callback takes the GIL, and
+# PyOS_InterruptOccurred (C, so no Python frame in which the SIGINT handler could raise and be
+# lost) says whether SIGINT arrived for the main thread, clearing it; `_failure` re-delivers it
+# to Python's handler once the op has failed (KeyboardInterrupt by default).
+_INTERRUPT_CHECK = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.pythonapi.PyOS_InterruptOccurred)
 
 
 def native_library() -> ctypes.CDLL:
@@ -215,6 +234,15 @@ def _error(handle: int | None) -> str:
     lib = _lib()
     raw = lib.shm_last_error(handle) if handle else lib.shm_init_error()
     return (raw or b"unknown error").decode(errors="replace")
+
+
+def _failure(handle: int) -> ShmError:
+    """The error of a failed op on `handle`. An op that failed because SIGINT arrived while it
+    waited (the group is aborted, so the peers fail too) hands the signal back to Python's
+    handler first: KeyboardInterrupt is raised from here unless the handler does otherwise."""
+    if _lib().shm_interrupted(handle):
+        signal.raise_signal(signal.SIGINT)
+    return ShmError(_error(handle))
 
 
 # Names created or learned but not yet unlinked: unlinked at interpreter exit if still there.
@@ -275,7 +303,7 @@ def join_shm_manager(handle: int, name: str) -> str:
     """Register this process (pid, for peers' liveness checks) in the segment; a description."""
     buf = ctypes.create_string_buffer(512)
     if _lib().join_shm_manager(handle, name.encode(), buf, len(buf)):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
     return buf.value.decode()
 
 
@@ -284,7 +312,7 @@ def shm_allreduce(handle: int, data: torch.Tensor) -> None:
     _check_reduce_input(data, "data")
     if _lib().shm_allreduce(handle, data.data_ptr(), data.data_ptr(), data.numel(),
                             _REDUCE_CODES[data.dtype]):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
 
 
 def shm_gather(
@@ -306,14 +334,14 @@ def shm_gather(
     sizes = (ctypes.c_uint64 * _MAX_RANKS)()
     if lib.shm_gather_begin(handle, dst, data.data_ptr(), _nbytes(data), _row_bytes(data),
                             _DTYPE_CODE[data.dtype], sizes):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
     if any(sizes[r] != _nbytes(data) for r in range(world)):
         _abort(handle, f"shm_gather: ranks sent different sizes {list(sizes[:world])}")
     ptrs = None
     if outputs is not None:
         ptrs = (ctypes.c_void_p * world)(*[o.data_ptr() for o in outputs])
     if lib.shm_gather_finish(handle, ptrs):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
 
 
 def shm_all_gather(handle: int, data: torch.Tensor, output: torch.Tensor) -> None:
@@ -331,13 +359,13 @@ def shm_all_gather(handle: int, data: torch.Tensor, output: torch.Tensor) -> Non
     sizes = (ctypes.c_uint64 * _MAX_RANKS)()
     if lib.shm_all_gather_begin(handle, data.data_ptr(), n, _row_bytes(data),
                                 _DTYPE_CODE[data.dtype], sizes):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
     if any(sizes[r] != n for r in range(world)):
         _abort(handle, f"shm_all_gather: ranks sent different sizes {list(sizes[:world])}")
     base = output.data_ptr()
     ptrs = (ctypes.c_void_p * world)(*[base + r * n for r in range(world)])
     if lib.shm_gather_finish(handle, ptrs):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
 
 
 def shm_send_tensor_list(handle: int, tensors: Sequence[torch.Tensor], dst: int) -> None:
@@ -353,30 +381,48 @@ def shm_send_tensor_list(handle: int, tensors: Sequence[torch.Tensor], dst: int)
     ptrs = (ctypes.c_void_p * max(n, 1))(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_uint64 * max(n, 1))(*[_nbytes(t) for t in tensors])
     if _lib().shm_send_tensor_list(handle, dst, n, ptrs, sizes, raw, len(raw)):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
 
 
 def shm_recv_tensor_list(handle: int, src: int) -> list[torch.Tensor]:
     """The tensors rank `src` sent with `shm_send_tensor_list` (new CPU tensors)."""
+    return _recv_tensor_list(handle, src, None)
+
+
+def _recv_tensor_list(
+    handle: int, src: int, into: Sequence[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Receive a tensor list into new tensors, or into `into` (contiguous CPU tensors whose
+    dtypes and shapes must be the sent ones: a mismatch aborts the group, as the rest of the
+    message cannot be skipped)."""
     lib = _lib()
     meta_len, data_len = ctypes.c_uint64(), ctypes.c_uint64()
     if lib.shm_recv_begin(handle, src, ctypes.byref(meta_len), ctypes.byref(data_len)):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
     raw = ctypes.create_string_buffer(max(meta_len.value, 1))
     if lib.shm_recv_bytes(handle, src, raw, meta_len.value):
-        raise ShmError(_error(handle))
+        raise _failure(handle)
     meta = array.array("q")
     meta.frombytes(raw.raw[: meta_len.value])
-    out, i = [], 1
+    specs, i = [], 1
     for _ in range(meta[0]):
         dtype, ndim = _DTYPES[meta[i]], meta[i + 1]
-        out.append(torch.empty(tuple(meta[i + 2 : i + 2 + ndim]), dtype=dtype))
+        specs.append((dtype, tuple(meta[i + 2 : i + 2 + ndim])))
         i += 2 + ndim
+    if into is None:
+        out = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
+    else:
+        out = list(into)
+        if [(t.dtype, tuple(t.shape)) for t in out] != specs or not all(
+            t.device.type == "cpu" and t.is_contiguous() for t in out
+        ):
+            _abort(handle, f"shm_recv_tensor_list: rank {src} sent {specs}, the receiver "
+                           f"expected {[(t.dtype, tuple(t.shape)) for t in out]} (contiguous CPU)")
     if sum(_nbytes(t) for t in out) != data_len.value:
         _abort(handle, f"shm_recv_tensor_list: metadata from rank {src} does not match its data")
     for t in out:
         if t.numel() and lib.shm_recv_bytes(handle, src, t.data_ptr(), _nbytes(t)):
-            raise ShmError(_error(handle))
+            raise _failure(handle)
     return out
 
 
@@ -522,7 +568,7 @@ class ShmCommunicator:
         return self._handle
 
     def _fail(self) -> ShmError:
-        return ShmError(_error(self._handle))
+        return _failure(self._handle)
 
     # ----------------------------------------------------------------- collectives
     def barrier(self) -> None:
@@ -530,15 +576,20 @@ class ShmCommunicator:
         if self._lib.shm_barrier(self._h()):
             raise self._fail()
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of `x` over the group, a new tensor of x's shape and dtype.
+    def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of `x` over the group, written to `out` (a new tensor when None; `out=x` sums
+        in place, as vLLM's `shm_allreduce` does); returns `out`.
 
         `x`: contiguous CPU fp32 / bf16 / fp16 (accumulated in fp32, summed in rank order, the
-        same bits on every rank). Other dtypes raise TypeError (use gloo).
+        same bits on every rank). Other dtypes raise TypeError (use gloo). `out`: contiguous,
+        x's shape and dtype.
         """
         h = self._h()
         _check_reduce_input(x, "x")
-        out = torch.empty_like(x)
+        if out is None:
+            out = torch.empty_like(x)
+        elif out is not x:
+            _check_like(out, x, "out")
         if self._lib.shm_allreduce(h, x.data_ptr(), out.data_ptr(), x.numel(),
                                    _REDUCE_CODES[x.dtype]):
             raise self._fail()
@@ -571,6 +622,46 @@ class ShmCommunicator:
         dtype and trailing dims must agree. The results are views of one contiguous buffer."""
         flat, rows = self._gather(x, None)
         return _split_rows(flat, rows, x.dim() == 0)
+
+    def all_gather_into(self, x: torch.Tensor, out: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's `x` (same shape everywhere) concatenated along `dim` into `out`, copied
+        once, from shared memory straight to its place in `out`; returns `out`.
+
+        `x`: contiguous CPU `[..., n, ...]` (n at `dim`); `out`: contiguous, x's dtype,
+        `[..., world * n, ...]`. Ranks whose shapes differ fail the op on every rank (ShmError).
+        """
+        h = self._h()
+        _check_data_input(x, "x")
+        if x.dim() == 0:
+            raise ValueError("x must have at least one dimension")
+        _check_cpu_contiguous(out, "out")
+        dim = dim % x.dim()
+        want = (*x.shape[:dim], self.world_size * x.shape[dim], *x.shape[dim + 1 :])
+        if out.dtype != x.dtype or tuple(out.shape) != want:
+            raise ValueError(
+                f"out must be {x.dtype} {want} (x's shape with dim {dim} times world_size), "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
+        n = _nbytes(x)
+        sizes = (ctypes.c_uint64 * _MAX_RANKS)()
+        if self._lib.shm_all_gather_begin(h, x.data_ptr(), n, _row_bytes(x),
+                                          _DTYPE_CODE[x.dtype], sizes):
+            raise self._fail()
+        if any(sizes[r] != n for r in range(self.world_size)):
+            _abort(h, f"all_gather: ranks sent different sizes {list(sizes[:self.world_size])}")
+        # Rank p's rows of `block` bytes go every `stride` bytes, starting at p * block.
+        block = math.prod(x.shape[dim:]) * x.element_size()
+        outer = math.prod(x.shape[:dim])
+        base = out.data_ptr()
+        ptrs = (ctypes.c_void_p * self.world_size)(
+            *[base + p * block for p in range(self.world_size)]
+        )
+        contiguous = outer == 1 or block == 0
+        if self._lib.shm_gather_finish_strided(
+            h, ptrs, 0 if contiguous else block, 0 if contiguous else self.world_size * block
+        ):
+            raise self._fail()
+        return out
 
     def all_gather_flat(self, x: torch.Tensor) -> torch.Tensor:
         """`torch.cat(all_gather(x))` without the extra copy (`[world]` for 0-dim inputs)."""
@@ -752,6 +843,14 @@ class ShmCommunicator:
             raise ValueError(f"src={src} is this rank")
         return shm_recv_tensor_list(self._h(), src)
 
+    def recv_tensor_list_into(self, tensors: Sequence[torch.Tensor], src: int) -> None:
+        """Receive what rank `src` sent with `send_tensor_list` straight into `tensors`
+        (contiguous CPU tensors of the sent dtypes and shapes; otherwise ShmError on both)."""
+        _check_int(src, "src", 0, self.world_size - 1)
+        if src == self.rank_in_group:
+            raise ValueError(f"src={src} is this rank")
+        _recv_tensor_list(self._h(), src, tensors)
+
     def __repr__(self) -> str:
         return (
             f"ShmCommunicator(group={self.group_name!r}, rank={self.rank_in_group}/"
@@ -868,6 +967,14 @@ def _check_cpu_contiguous(x, arg: str) -> None:
         raise ValueError(f"{arg} must be contiguous")
 
 
+def _check_like(out, x: torch.Tensor, arg: str) -> None:
+    _check_cpu_contiguous(out, arg)
+    if out.dtype != x.dtype or out.shape != x.shape:
+        raise ValueError(
+            f"{arg} must be {x.dtype} {tuple(x.shape)} like x, got {out.dtype} {tuple(out.shape)}"
+        )
+
+
 def _check_reduce_input(x, arg: str) -> None:
     _check_cpu_contiguous(x, arg)
     if x.dtype not in _REDUCE_CODES:
@@ -898,7 +1005,7 @@ def _row_bytes(t: torch.Tensor) -> int:
 
 def _abort(handle: int, msg: str) -> None:
     _lib().shm_abort(handle, msg.encode())
-    raise ShmError(_error(handle))
+    raise _failure(handle)
 
 
 def _agree_on_name(cpu_group: dist.ProcessGroup, src: int, label: str) -> str:

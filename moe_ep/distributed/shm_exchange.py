@@ -129,6 +129,7 @@ class ShmExchange:
             self._comm.destroy()
             raise ShmUnavailableError(message)
         self._free = list(range(MAX_BUFFERS))
+        self._agreements = 0
 
     def _error(self) -> str:
         raw = self._lib.shm_last_error(self._comm.native_handle)
@@ -158,6 +159,19 @@ class ShmExchange:
             self._lib.shm_ep_unregister(self._ep, slot)
             self._free.append(slot)
             self._free.sort()
+
+    def agree(self, call: int, values: list[int]) -> list[list[int]]:
+        """A small all-gather of int64 `values` (at most 96) for call `call`: every rank's
+        values in rank order. Mismatched calls are detected as in dispatch / combine."""
+        if self._ep is None:
+            raise RuntimeError(f"ShmExchange {self.label!r} is destroyed")
+        n = len(values)
+        mine = (ctypes.c_int64 * n)(*values)
+        out = (ctypes.c_int64 * (n * self.world_size))()
+        seq, self._agreements = self._agreements, self._agreements + 1
+        if self._lib.shm_ep_agree(self._ep, call, seq, mine, n, out):
+            raise self.fail()
+        return [list(out[r * n:(r + 1) * n]) for r in range(self.world_size)]
 
     def abort(self, message: str) -> None:
         """Abort the exchange: every peer's current or next wait raises ShmError(message)."""

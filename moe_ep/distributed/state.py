@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -142,11 +143,15 @@ def initialize_model_parallel(
     data_parallel_size: int | None = None,
     *,
     use_shm: bool = True,
+    use_custom_allreduce: bool = True,
+    timeout_s: float | None = None,
 ) -> ParallelGroups:
     """Create the world, TP, PP, DP and EP groups (collective over the world) and return mine.
 
     `data_parallel_size` defaults to world / (TP x PP). `use_shm=False` keeps every CPU group on
-    gloo instead of the shared-memory collectives.
+    gloo instead of the shared-memory collectives; `use_custom_allreduce=False` keeps CUDA
+    all-reduces on NCCL. `timeout_s` bounds every wait of every group (None: the world's timeout,
+    `init_distributed(timeout=...)`).
     """
     global _GROUPS
     if not dist.is_initialized():
@@ -162,9 +167,13 @@ def initialize_model_parallel(
     layout = group_layout(world, tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
     built: dict[str, GroupCoordinator] = {}
     try:
-        built["world"] = GroupCoordinator([list(range(world))], "world", use_shm=use_shm)
+        opts = {
+            "use_shm": use_shm, "use_custom_allreduce": use_custom_allreduce,
+            "timeout_s": timeout_s,
+        }
+        built["world"] = GroupCoordinator([list(range(world))], "world", **opts)
         for name in ("tp", "pp", "dp", "ep"):
-            built[name] = GroupCoordinator(layout[name], name, use_shm=use_shm)
+            built[name] = GroupCoordinator(layout[name], name, **opts)
     except BaseException:
         for group in built.values():
             group.destroy()
@@ -185,32 +194,78 @@ def destroy_model_parallel() -> None:
         groups.destroy()
 
 
-def get_parallel_groups() -> ParallelGroups:
+def get_parallel_groups(caller: str = "get_parallel_groups") -> ParallelGroups:
     if _GROUPS is None:
         raise RuntimeError(
-            "model parallel groups are not initialised; call initialize_model_parallel() first"
+            f"{caller}: model parallel groups are not initialised; call "
+            "moe_ep.distributed.initialize_model_parallel() first (after init_distributed() or "
+            "under torchrun)"
         )
     return _GROUPS
 
 
 def get_world_group() -> GroupCoordinator:
-    return get_parallel_groups().world
+    return get_parallel_groups("get_world_group").world
 
 
 def get_tp_group() -> GroupCoordinator:
-    return get_parallel_groups().tp
+    return get_parallel_groups("get_tp_group").tp
 
 
 def get_pp_group() -> GroupCoordinator:
-    return get_parallel_groups().pp
+    return get_parallel_groups("get_pp_group").pp
 
 
 def get_dp_group() -> GroupCoordinator:
-    return get_parallel_groups().dp
+    return get_parallel_groups("get_dp_group").dp
 
 
 def get_ep_group() -> GroupCoordinator:
-    return get_parallel_groups().ep
+    return get_parallel_groups("get_ep_group").ep
+
+
+# ------------------------------------------- vLLM's module-level names, on the default TP group
+def get_tensor_model_parallel_group() -> GroupCoordinator:
+    """The default TP group (vLLM's alias of `get_tp_group`)."""
+    return get_parallel_groups("get_tensor_model_parallel_group").tp
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return get_parallel_groups("get_tensor_model_parallel_world_size").tp.world_size
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return get_parallel_groups("get_tensor_model_parallel_rank").tp.rank_in_group
+
+
+def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over the TP group (`GroupCoordinator.all_reduce`: a new tensor, `x` itself
+    when TP is 1)."""
+    return get_parallel_groups("tensor_model_parallel_all_reduce").tp.all_reduce(x)
+
+
+def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Every TP rank's `x` (same shape) concatenated along `dim`."""
+    return get_parallel_groups("tensor_model_parallel_all_gather").tp.all_gather(x, dim)
+
+
+def tensor_model_parallel_reduce_scatter(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The TP sum of `x`, this rank's equal slice along `dim` (`x.shape[dim]` divisible by TP)."""
+    return get_parallel_groups("tensor_model_parallel_reduce_scatter").tp.reduce_scatter(x, dim)
+
+
+def tensor_model_parallel_gather(
+    x: torch.Tensor, dst: int = 0, dim: int = -1
+) -> torch.Tensor | None:
+    """Every TP rank's `x` concatenated along `dim` on TP rank `dst`; None elsewhere."""
+    return get_parallel_groups("tensor_model_parallel_gather").tp.gather(x, dst, dim)
+
+
+def broadcast_tensor_dict(
+    tensor_dict: dict[str, Any] | None = None, src: int = 0
+) -> dict[str, Any]:
+    """TP rank `src`'s dict on every TP rank (`GroupCoordinator.broadcast_tensor_dict`)."""
+    return get_parallel_groups("broadcast_tensor_dict").tp.broadcast_tensor_dict(tensor_dict, src)
 
 
 def _int_from(value: int | None, arg: str, env: str, default: int | None = None) -> int:

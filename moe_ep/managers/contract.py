@@ -344,7 +344,7 @@ class All2AllManager(ABC):
         self.uid = protocol.agree_on_manager(self)
         if group.device.type == "cpu":
             # Per-call outputs (combine's [N, H]) must not come from freshly mapped pages.
-            tune_cpu_allocator()
+            tune_cpu_allocator(f"manager {self.name!r}")
 
     # ---- options -----------------------------------------------------------------------------
 
@@ -593,6 +593,13 @@ class All2AllManager(ABC):
 
     def _new_counter(self) -> WireCounter:
         return WireCounter(self.world_size, self.rank)
+
+    def _gather_header(self, call: int, values: list[int]) -> list[list[int]]:
+        """Every rank's int64 header of call `call` (see `protocol.exchange`): one all-gather
+        over the group. A CPU tensor even on a CUDA group: its values are needed on the host
+        (split sizes) and a device collective would add a device->host copy."""
+        header = torch.tensor([values], dtype=torch.int64)
+        return self.group.all_gather(header, dim=0).tolist()
 
     def checks_ids_in_python(self, x: object) -> bool:
         """Whether `dispatch` validates id ranges in torch (False where a native planner does)."""

@@ -164,12 +164,9 @@ def exchange(
     if w == 1:
         rows = [values]
     else:
-        header = torch.tensor([values], dtype=torch.int64)
-        # A CPU tensor even on a CUDA group: its values are needed on the host (split sizes)
-        # and a device collective would add a device->host copy.
-        rows = mgr.group.all_gather(header, dim=0).tolist()
+        rows = mgr._gather_header(call, values)
         if counter is not None:
-            counter.header_exchange(header.numel() * header.element_size())
+            counter.header_exchange(8 * len(values))
     name = _OP_NAMES[op]
     for field, what in ((F_MAGIC, "protocol"), (F_MANAGER, "manager"), (F_OP, "operation"),
                         (F_CALL, "call number")):

@@ -173,6 +173,16 @@ class ShmAll2AllManager(All2AllManager):
     def checks_ids_in_python(self, x: object) -> bool:
         return False  # the native planner validates them in the same pass
 
+    def _gather_header(self, call: int, values: list[int]) -> list[list[int]]:
+        # Through the manager's own exchange, not the group: a peer in a dispatch or combine
+        # of this manager then sees the different call at once instead of waiting elsewhere.
+        self._check_usable()  # a broken exchange cannot carry the error: say why here
+        try:
+            return self.exchange.agree(call, values)
+        except Exception as exc:
+            self._transport_failed(exc)
+            raise
+
     def _create_handle(self, spec: EPSpec, index: int) -> ShmHandle:
         return ShmHandle(self, spec, index)
 
