@@ -56,7 +56,7 @@ def test_library_tunes_the_allocator_once_logged_with_an_opt_out(mode):
                          check=True, timeout=120, env=env)
     if mode == "default":
         assert out.stdout.split() == ["True", "True"]
-        assert out.stderr.count("glibc malloc set to keep freed memory") == 1
+        assert out.stderr.count("glibc malloc now keeps freed memory") == 1
     else:
         assert out.stdout.split() == ["False", "False"]
-        assert "glibc malloc set" not in out.stderr
+        assert "glibc malloc now" not in out.stderr

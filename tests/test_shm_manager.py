@@ -247,8 +247,6 @@ def _refusals(info) -> list[str]:
     the same-node probe answers per rank): every rank refuses alike."""
     from unittest import mock
 
-    from moe_ep.distributed import group as group_module
-
     gloo = GroupCoordinator([list(range(info.world_size))], "ep_gloo", use_shm=False)
     seen = []
     try:
@@ -258,8 +256,7 @@ def _refusals(info) -> list[str]:
             with pytest.raises(ManagerUnavailableError) as exc:
                 build_manager("shm", gloo)
         seen.append(str(exc.value))
-        apart = [r == 0 for r in range(info.world_size)]
-        with mock.patch.object(group_module, "in_the_same_node_as", lambda g, s=0: apart):
+        with mock.patch.object(gloo, "same_node", False):
             with pytest.raises(ManagerUnavailableError) as exc:
                 build_manager("shm", gloo)
         seen.append(str(exc.value))
@@ -276,4 +273,4 @@ def test_refused_alike_on_every_rank(dist_pool):
     results = dist_pool(2).run(_refusals, timeout=60)
     for no_lib, apart in results:
         assert "rank 1: no native library (simulated)" in no_lib
-        assert "ranks [1] are not on the node of rank 0" in apart
+        assert "on one node (the group spans several)" in apart

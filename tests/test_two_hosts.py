@@ -102,7 +102,7 @@ def test_shm_transport_only_inside_a_host(checks):
             assert r["availability"][name][0], (name, r["availability"][name])
         # Refused on every rank, for the right reason, before any segment is made.
         assert r["shm_across_hosts"].startswith("refused: "), r["shm_across_hosts"]
-        assert "ranks [2, 3] are not on the node of rank 0" in r["shm_across_hosts"]
+        assert "on one node (the group spans several)" in r["shm_across_hosts"]
         assert r["shm_left"] == [], r["shm_left"]
         for row in r["contract_shm_in_host"]:
             assert row["shape_ok"] and row["err"] <= row["atol"], row

@@ -570,6 +570,12 @@ class ShmCommunicator:
     def _fail(self) -> ShmError:
         return _failure(self._handle)
 
+    def failure(self) -> ShmError:
+        """The `ShmError` of the last failed native call on this segment (for the layers built
+        on it). A SIGINT that interrupted the wait is re-delivered first, so KeyboardInterrupt
+        propagates from here by default."""
+        return _failure(self._h())
+
     # ----------------------------------------------------------------- collectives
     def barrier(self) -> None:
         """Wait until every rank of the group arrives."""

@@ -136,8 +136,9 @@ class ShmExchange:
         return (raw or b"unknown shared-memory error").decode(errors="replace")
 
     def fail(self) -> ShmError:
-        """The exception for the last failed call (the exchange is unusable afterwards)."""
-        return ShmError(self._error())
+        """The exception for the last failed call (the exchange is unusable afterwards); a
+        SIGINT that interrupted a wait raises KeyboardInterrupt from here."""
+        return self._comm.failure()
 
     def open_buffer(self, geometry: ExchangeGeometry, label: str) -> ShmExchangeBuffer:
         """Collective: a buffer for `geometry` in the lowest free slot (the same on every rank,

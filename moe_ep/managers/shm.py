@@ -145,18 +145,17 @@ class ShmAll2AllManager(All2AllManager):
             if not ok:
                 raise ManagerUnavailableError(f"manager 'shm' is unavailable: {reason}")
             return
-        from moe_ep.distributed.group import in_the_same_node_as
         from moe_ep.distributed.shm import ShmCommunicator, ShmUnavailableError
         from moe_ep.distributed.shm_exchange import ShmExchange
 
         # Decided collectively, so that every rank refuses alike instead of leaving its peers
         # in the segment set-up below: ranks on other hosts cannot map a segment made in this
-        # host's /dev/shm, and the native libraries may be missing on one host.
-        apart = [r for r, same in enumerate(in_the_same_node_as(group, 0)) if not same]
-        if apart:
+        # host's /dev/shm (the group decided `same_node` for all its ranks when it was built),
+        # and the native libraries may be missing on one host.
+        if not group.same_node:
             raise ManagerUnavailableError(
-                f"manager 'shm' needs every rank of group {self.group_name!r} on one node; "
-                f"ranks {apart} are not on the node of rank 0")
+                f"manager 'shm' needs every rank of group {self.group_name!r} on one node "
+                "(the group spans several)")
         usable = group.all_gather_object(
             [reason for ok, reason in (ShmCommunicator.available(), kernels.available()) if not ok])
         missing = [f"rank {r}: {'; '.join(why)}" for r, why in enumerate(usable) if why]
