@@ -17,7 +17,7 @@ After the gather each rank keeps the global rows and converts the ids to local e
 
 Bytes per token a rank sends (W ranks, B = H * element size, K = topk, S scale columns):
 dispatch `(W-1) (B + 8K + 4S)` (ids int32, weights fp32, padded to 8 bytes), combine
-`(W-1) B`; plus the header (`8 (13 + W)` bytes to each other rank) per call.
+`(W-1) B`; plus the header (`8 (13 + 2W)` bytes to each other rank) per call.
 """
 
 from __future__ import annotations
