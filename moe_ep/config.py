@@ -27,6 +27,7 @@ Errors raise `ConfigError` (a ValueError) naming the file, the key path and what
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import difflib
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from moe_ep.distributed.group import GroupCoordinator
@@ -690,16 +693,23 @@ def select(
                     f"{rule.use!r} is unavailable: {why} (strict: true forbids falling back)")
             skipped.append((rule, f"matches, but {rule.use} is unavailable: {why}"))
             continue
-        return Selection(rule.use, rule.options, rule, tuple(skipped))
+        return _selected(config, phase, rule, skipped)
     for rule in config.all2all.fallback:
         why = unavailable(rule.use)
         if why is not None:
             skipped.append((rule, f"{rule.use} is unavailable: {why}"))
             continue
-        return Selection(rule.use, rule.options, rule, tuple(skipped))
+        return _selected(config, phase, rule, skipped)
     details = "; ".join(f"{r.where} ({r.describe()}): {why}" for r, why in skipped)
     raise SelectionError(f"{config.source}: no rule or fallback selects an available backend "
                          f"for {_describe_topology(topology)}, phase {phase}: {details}")
+
+
+def _selected(config: Config, phase: str | None, rule: Rule,
+              skipped: list[tuple[Rule, str]]) -> Selection:
+    logger.info("config %s, phase %s: %s selects %s (%d entries skipped)", config.source, phase,
+                rule.where, rule.describe(), len(skipped))
+    return Selection(rule.use, rule.options, rule, tuple(skipped))
 
 
 def _describe_topology(topology: Topology) -> str:

@@ -47,7 +47,8 @@ def _layer_on_cuda(info, names):
         mgr = build_manager(name, groups.ep)
         try:
             layer = FusedMoE(E, K, H, I, mgr)
-            layer.load_global_weights(*weights)
+            gate, w_gate, w_up, w_down = weights
+            layer.load_global_weights(gate, torch.cat([w_gate, w_up], dim=1), w_down)
             y = layer(x)
             assert y.device.type == "cuda" and y.dtype == x.dtype
             errors[name] = (y.float() - want).abs().max().item()

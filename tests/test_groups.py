@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moe_ep.distributed import (
@@ -118,3 +120,21 @@ def test_destroyed_group_refuses_collectives(dist_pool):
     # torch.distributed reads group=None as the world: a destroyed group must raise instead.
     for message in dist_pool(4).run(_use_after_destroy):
         assert "was destroyed" in message
+
+
+def test_initialize_model_parallel_initialises_under_torchrun(tmp_path):
+    """The README's snippet: under torchrun, initialize_model_parallel() alone is enough."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    code = ("from moe_ep.distributed import initialize_model_parallel, destroy_model_parallel;"
+            "g = initialize_model_parallel(); print(g.ep.world_size); destroy_model_parallel()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr

@@ -108,7 +108,7 @@ def _expected_bytes(name, options, r, counts, ids, num_experts, topk, hidden, el
         header = (world - 1) * 8 * (3 + world)
         return header + sent_rows * (row + 12 * topk), (world - 1) * 8 + recv_rows * row
     # Every dispatch and combine of the group managers all-gathers an int64 header.
-    header = (world - 1) * 8 * (13 + world)
+    header = (world - 1) * 8 * (13 + 2 * world)
     meta = 8 * topk  # int32 ids + float32 weights per row
     if name == "alltoallv":
         return header + sent_rows * (row + meta), header + recv_rows * row

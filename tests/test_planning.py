@@ -158,3 +158,48 @@ def test_planner_names_bad_ids():
         planner.plan(torch.tensor([[0, 1], [4, 1]]), w)
     with pytest.raises(ValueError, match="token 0 to the same expert twice"):
         planner.plan(torch.tensor([[2, 2], [0, 1]]), w)
+
+
+def test_host_known_sizes_give_the_same_plans():
+    """The CUDA path passes the sizes the headers carry (no device sync): same results."""
+    for world, num_experts, _, weights, ids in _cases(150):
+        placement = expert_placement(num_experts, world)
+        counts = planning.send_counts(ids, placement).tolist()
+        plain = planning.plan_dispatch(ids, weights, placement)
+        sized = planning.plan_dispatch(ids, weights, placement, total_rows=sum(counts[:world]))
+        assert counts[:world] == plain.send_counts.tolist()
+        assert sum(counts[world:]) == int((ids >= 0).sum())
+        for field in PLAN_FIELDS:
+            assert torch.equal(getattr(plain, field), getattr(sized, field)), field
+        pairs = planning.plan_dispatch_pairs(ids, weights, placement)
+        pairs_sized = planning.plan_dispatch_pairs(ids, weights, placement, sum(counts[world:]))
+        for field in PLAN_FIELDS:
+            assert torch.equal(getattr(pairs, field), getattr(pairs_sized, field)), field
+        rows = plain.row_ids
+        plain_layout = planning.packed_layout(rows, plain.row_weights, num_experts)
+        sized_layout = planning.packed_layout(rows, plain.row_weights, num_experts,
+                                              int((rows >= 0).sum()))
+        for field in LAYOUT_FIELDS:
+            assert torch.equal(getattr(plain_layout, field), getattr(sized_layout, field))
+
+
+def _torch_path_contract(info):
+    """alltoallv with its planners forced onto the torch path (what CUDA tensors take)."""
+    from unittest import mock
+
+    from moe_ep.distributed import GroupCoordinator
+    from moe_ep.testing.scenarios import contract_cases
+
+    group = GroupCoordinator([list(range(info.world_size))], "ep")
+    try:
+        with mock.patch.object(planning, "native", lambda t: False):
+            return contract_cases(group, (("alltoallv", {}), ("alltoallv", {"dedup": False})),
+                                  (4, 10), (1, 6), (torch.float32,), use_handles=True)
+    finally:
+        group.destroy()
+
+
+def test_alltoallv_torch_planners_keep_the_contract(dist_pool):
+    from moe_ep.testing.scenarios import assert_contract
+
+    assert_contract(dist_pool(3).run(_torch_path_contract, timeout=120))

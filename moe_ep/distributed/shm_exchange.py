@@ -18,6 +18,7 @@ that the caller raises on every rank. Waits sleep on futexes, so ranks > cores d
 
 from __future__ import annotations
 
+import logging
 import ctypes
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ from moe_ep.distributed.shm import (
     ShmUnavailableError,
     native_library,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ExchangeGeometry", "ShmExchange", "ShmExchangeBuffer", "MAX_BUFFERS"]
 
@@ -247,6 +250,7 @@ class ShmExchangeBuffer:
         self._dargs.peer_err = self._cargs.peer_err = ctypes.addressof(self._perr)
         self._dref, self._cref = ctypes.byref(self._dargs), ctypes.byref(self._cargs)
         self.out_row_bytes = g.out_row_bytes
+        self.nbytes = nbytes
         self.destroyed = False
 
     def _region(self, receiver: int, half: int, which: int) -> int:

@@ -151,14 +151,21 @@ def initialize_model_parallel(
     `data_parallel_size` defaults to world / (TP x PP). `use_shm=False` keeps every CPU group on
     gloo instead of the shared-memory collectives; `use_custom_allreduce=False` keeps CUDA
     all-reduces on NCCL. `timeout_s` bounds every wait of every group (None: the world's timeout,
-    `init_distributed(timeout=...)`).
+    `init_distributed(timeout=...)`). Under torchrun (RANK / WORLD_SIZE set) it initialises
+    `torch.distributed` itself when nobody has.
     """
     global _GROUPS
     if not dist.is_initialized():
-        raise RuntimeError(
-            "initialize_model_parallel: torch.distributed is not initialised; call "
-            "moe_ep.distributed.init_distributed() or launch with torchrun first"
-        )
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            # Launched by torchrun (or a launcher that sets its variables): initialise from
+            # that environment, as the README's snippet promises.
+            init_distributed()
+        else:
+            raise RuntimeError(
+                "initialize_model_parallel: torch.distributed is not initialised; call "
+                "moe_ep.distributed.init_distributed(world_size=..., rank=..., init_method=...) "
+                "first (under torchrun this happens on its own)"
+            )
     if _GROUPS is not None:
         raise RuntimeError(
             "initialize_model_parallel was already called; call destroy_model_parallel() first"

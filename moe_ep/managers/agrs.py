@@ -17,7 +17,7 @@ After the gather each rank keeps the global rows and converts the ids to local e
 
 Bytes per token a rank sends (W ranks, B = H * element size, K = topk, S scale columns):
 dispatch `(W-1) (B + 8K + 4S)` (ids int32, weights fp32, padded to 8 bytes), combine
-`(W-1) B`; plus the header (`8 (13 + W)` bytes to each other rank) per call.
+`(W-1) B`; plus the header (`8 (13 + 2W)` bytes to each other rank) per call.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class GatherAllManager(GroupExchangeManager):
     def _gather_rows(self, rows: torch.Tensor, sizes: Sequence[int], payload_cols: int,
                      counter: WireCounter) -> torch.Tensor:
         """`[N, C] uint8` local wire rows -> `[T, C]` every rank's rows in rank order; the
-        last `payload_cols` bytes of a row are payload, the rest metadata (for the counter)."""
+        `payload_cols` bytes of a row are payload (x and scales), the rest metadata (ids,
+        weights, padding), for the counter."""
 
     @abstractmethod
     def _sum_to_owner(self, out: torch.Tensor, state: GatherState,
@@ -99,7 +100,8 @@ class GatherAllManager(GroupExchangeManager):
         spec = handle.spec
         sizes = tuple(row[protocol.F_TOKENS] for row in rows)
         wire = pack_rows(checked.x, checked.topk_ids, checked.topk_weights, checked.x_scales)
-        payload = checked.x.shape[1] * checked.x.element_size()
+        # Scales are payload (the activations' other half), ids and weights metadata.
+        payload = checked.x.shape[1] * checked.x.element_size() + 4 * spec.scale_cols
         gathered = self._gather(wire, sizes, payload, counter)
         x_all, ids_all, w_all, scales_all = unpack_rows(
             gathered, spec.hidden, spec.dtype, spec.topk, spec.scale_cols)

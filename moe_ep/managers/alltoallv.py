@@ -84,11 +84,19 @@ class AllToAllVManager(GroupExchangeManager):
 
     def _plan(self, handle: EPHandle, checked: CheckedInputs):
         placement = expert_placement(handle.spec.num_experts, self.world_size)
-        if self.options.dedup:
-            plan = planning.plan(checked.topk_ids, checked.topk_weights, placement)
+        ids, weights = checked.topk_ids, checked.topk_weights
+        # The split sizes must reach the host (all_to_all_single takes them there): one
+        # synchronisation for rows and pairs together, and none after it.
+        counts = tuple(planning.send_counts(ids, placement).tolist())
+        w = self.world_size
+        if not self.options.dedup:
+            counts = counts[w:] + counts[w:]  # one row per pair
+            plan = planning.plan_dispatch_pairs(ids, weights, placement, sum(counts[:w]))
+        elif planning.native(ids):
+            plan = planning.plan(ids, weights, placement)
         else:
-            plan = planning.plan_dispatch_pairs(checked.topk_ids, checked.topk_weights, placement)
-        return plan, tuple(plan.send_counts.tolist())
+            plan = planning.plan_dispatch(ids, weights, placement, total_rows=sum(counts[:w]))
+        return plan, counts
 
     def _transfer(self, call: int, seq: int, handle: EPHandle, checked: CheckedInputs,
                   plan: planning.DispatchPlan, rows: list[list[int]],
@@ -99,9 +107,11 @@ class AllToAllVManager(GroupExchangeManager):
         `tokens_per_expert [E_local] int64` segments; `topk_ids [R] int64` local expert of
         each row; `topk_weights [R] float32` its router weight (applied by the combine).
         """
-        spec, me = handle.spec, self.rank
-        send = tuple(plan.send_counts.tolist())
-        recv = tuple(counts[me] for counts in self._peer_counts(rows))
+        spec, me, w = handle.spec, self.rank, self.world_size
+        peers = self._peer_counts(rows)
+        send = peers[me][:w]
+        recv = tuple(counts[me] for counts in peers)
+        pairs = sum(counts[w + me] for counts in peers)
         x = checked.x.index_select(0, plan.send_token)
         scales = (None if checked.x_scales is None
                   else checked.x_scales.index_select(0, plan.send_token))
@@ -114,7 +124,7 @@ class AllToAllVManager(GroupExchangeManager):
         recv_x, recv_ids, recv_w, recv_scales = unpack_rows(
             received, spec.hidden, spec.dtype, spec.topk, spec.scale_cols)
         placement = expert_placement(spec.num_experts, self.world_size)
-        packed = planning.layout(recv_ids, recv_w, placement.num_local(me))
+        packed = planning.layout(recv_ids, recv_w, placement.num_local(me), pairs)
         state = AllToAllVState(
             self, handle, call, seq, checked.num_tokens, (int(packed.packed_row.numel()),),
             send_counts=send, recv_counts=recv, token_rows=plan.token_rows,

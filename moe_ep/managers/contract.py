@@ -32,6 +32,7 @@ or stalled peer is named within the group's timeout.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import enum
 import math
@@ -46,6 +47,8 @@ from moe_ep.cpu_allocator import tune_cpu_allocator
 from moe_ep.managers.accounting import WireBytes, WireCounter
 from moe_ep.managers.cache import HandleCache
 from moe_ep.managers.options import NoOptions
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from moe_ep.distributed.group import GroupCoordinator
@@ -394,6 +397,9 @@ class All2AllManager(ABC):
                 f"manager {self.name!r} is unusable: {self._broken}; build a new one")
 
     def _mark_broken(self, why: str) -> None:
+        if self._broken is None:
+            logger.warning("manager %r on group %r is unusable: %s", self.name, self.group_name,
+                           why)
         self._broken = why
 
     def destroy(self) -> None:
@@ -428,7 +434,10 @@ class All2AllManager(ABC):
     def _new_handle(self, **fields: Any) -> EPHandle:
         index = self._handles_made
         self._handles_made += 1
-        return self._create_handle(EPSpec(**fields), index)
+        spec = EPSpec(**fields)
+        logger.debug("manager %r (#%d) on group %r: handle %d for %s", self.name, self.uid,
+                     self.group_name, index, spec)
+        return self._create_handle(spec, index)
 
     def _check_spec(self, spec: EPSpec) -> None:
         """Raise when this backend cannot serve `spec` (local; the base checks the dtype)."""

@@ -70,9 +70,9 @@ class GroupExchangeManager(All2AllManager):
         return y
 
     def _peer_counts(self, rows: list[list[int]]) -> list[list[int]]:
-        """`[W][W]`: the rows each rank sends to each rank, from the headers."""
+        """`[W][2W]`: the counts each rank put in its header (see `protocol`)."""
         w = self.world_size
-        return [row[protocol.NUM_FIXED:protocol.NUM_FIXED + w] for row in rows]
+        return [row[protocol.NUM_FIXED:protocol.NUM_FIXED + 2 * w] for row in rows]
 
     @abstractmethod
     def _plan(self, handle: EPHandle, checked: CheckedInputs) -> tuple[Any, tuple[int, ...]]:
@@ -97,6 +97,10 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     x bytes]`: the 4-byte fields first and x at an 8-byte aligned offset, so that every
     field of a received row can be viewed in its dtype whatever H and the dtype of x are."""
     n = x.shape[0]
+    if n == 0:  # (empty tensors may carry strides that refuse a byte view)
+        cols = packed_meta_bytes(ids.shape[1], 0 if scales is None else scales.shape[1])
+        return torch.empty((0, cols + x.shape[1] * x.element_size()), dtype=torch.uint8,
+                           device=x.device)
     meta = [ids.to(torch.int32).view(torch.uint8), weights.view(torch.uint8)]
     if scales is not None:
         meta.append(scales.view(torch.uint8))

@@ -4,7 +4,7 @@ Every rank of a manager makes the same sequence of calls; each call (dispatch, c
 implicit handle's agreement) carries a fixed-size int64 header::
 
     [magic, op, manager, handle, call, result, error, tokens, hidden, dtype, topk,
-     num_experts, scale_cols, counts[W]]
+     num_experts, scale_cols, counts[2W]]
 
 `manager` is the manager's number on its group (agreed at construction), `handle` the handle's
 number in the manager, `call` the manager's call counter, `result` the call number of the
@@ -150,7 +150,7 @@ def exchange(
     """
     w = mgr.world_size
     code = error_code(error)
-    values = [0] * (NUM_FIXED + w)
+    values = [0] * (NUM_FIXED + 2 * w)
     values[F_MAGIC], values[F_OP], values[F_MANAGER] = MAGIC, op, mgr.uid
     values[F_HANDLE] = handle.index if handle is not None else -1
     values[F_CALL], values[F_RESULT], values[F_ERROR] = call, result_call, code

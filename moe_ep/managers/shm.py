@@ -33,6 +33,7 @@ Bytes per token a rank writes for other ranks: those of deduplicated `alltoallv`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +54,8 @@ from moe_ep.managers.contract import (
 from moe_ep.managers.inputs import CheckedInputs
 from moe_ep.managers.options import ShmAll2AllOptions
 from moe_ep.managers.placement import expert_placement
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ShmAll2AllManager", "ShmAll2AllOptions", "ShmHandle", "ShmState"]
 
@@ -84,6 +87,10 @@ class ShmHandle(EPHandle):
                 topk=spec.topk, scale_cols=spec.scale_cols, out_dtype=spec.combine_dtype)
             self.buffer = manager.exchange.open_buffer(
                 geometry, f"{manager.group_name}-ep{manager.uid}-h{index}")
+            logger.info("shm manager on group %r: handle %d maps %.1f MiB of shared memory "
+                        "(%d tokens per rank, H=%d %s)", manager.group_name, index,
+                        self.buffer.nbytes / 2**20, spec.max_tokens_per_rank, spec.hidden,
+                        str(spec.dtype).removeprefix("torch."))
         es = torch.empty((), dtype=spec.combine_dtype).element_size()
         self.out_row_bytes = spec.hidden * es
 

@@ -8,7 +8,13 @@ from moe_ep.launch import (
     WorkerCrashedError,
     run_distributed,
 )
-from moe_ep.testing.reference import make_linear_experts, make_scaling_experts, reference_moe
+from moe_ep.testing.reference import (
+    dense_moe_reference,
+    make_linear_experts,
+    make_scaling_experts,
+    reference_moe,
+    reference_routing,
+)
 
 __all__ = [
     "DistributedPool",
@@ -16,8 +22,10 @@ __all__ = [
     "RankInfo",
     "RemoteTraceback",
     "WorkerCrashedError",
+    "dense_moe_reference",
     "make_linear_experts",
     "make_scaling_experts",
     "reference_moe",
+    "reference_routing",
     "run_distributed",
 ]
