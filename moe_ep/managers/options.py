@@ -32,6 +32,13 @@ def check_option_type(name: str, value: object, types: tuple[type, ...]) -> None
         raise TypeError(f"option {name!r} must be {wanted}, got {value!r}")
 
 
+def _check_capacity(value: object) -> None:
+    """The `max_tokens_per_rank` option: an int >= 1."""
+    check_option_type("max_tokens_per_rank", value, (int,))
+    if value < 1:
+        raise ValueError(f"option 'max_tokens_per_rank' must be >= 1, got {value}")
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """Options of a manager that takes none."""
@@ -72,10 +79,7 @@ class ShmAll2AllOptions:
         if self.layout not in _SHM_LAYOUTS:
             raise ValueError(
                 f"option 'layout' must be one of {_SHM_LAYOUTS}, got {self.layout!r}")
-        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
-        if self.max_tokens_per_rank < 1:
-            raise ValueError(
-                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
+        _check_capacity(self.max_tokens_per_rank)
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,7 @@ class VendorOptions:
 
     def __post_init__(self) -> None:
         check_option_type("exchange", self.exchange, (bool,))
-        check_option_type("max_tokens_per_rank", self.max_tokens_per_rank, (int,))
-        if self.max_tokens_per_rank < 1:
-            raise ValueError(
-                f"option 'max_tokens_per_rank' must be >= 1, got {self.max_tokens_per_rank}")
+        _check_capacity(self.max_tokens_per_rank)
 
 
 @dataclass(frozen=True)
