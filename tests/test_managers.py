@@ -519,3 +519,30 @@ def test_wire_rows_round_trip_for_odd_hidden_and_one_token():
             got = unpack_rows(pack_rows(x, ids, w, s), 7, dtype, 3, 2)
             for a, b in zip(got, (x, ids, w, s), strict=True):
                 assert torch.equal(a, b), (dtype, n)
+
+
+def _identity_outputs(info) -> list[str]:
+    from moe_ep.bench.dispatch_latency import identity_experts
+
+    group = _group(info)
+    r, world = info.rank, info.world_size
+    done = []
+    try:
+        for name, options in PORTABLE_MANAGERS:
+            mgr = build_manager(name, group, **options)
+            xs, ws, ids = decodable_inputs(tokens_per_rank(world, 3), 8, 3, 5, torch.float32)
+            res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=8)
+            want = apply_experts(res, lambda e, q: q)
+            assert torch.allclose(identity_experts(res), want, atol=1e-6), name
+            mgr.combine(want, res)
+            mgr.destroy()
+            done.append(name)
+    finally:
+        group.destroy()
+    return done
+
+
+def test_benchmark_identity_experts_equal_apply_experts(dist_pool):
+    """The benchmark's fast identity experts give apply_experts' output on every layout."""
+    assert all(len(d) == len(PORTABLE_MANAGERS) for d in dist_pool(2).run(_identity_outputs,
+                                                                          timeout=120))

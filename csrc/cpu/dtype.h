@@ -23,8 +23,9 @@ static inline float moe_bf16_to_f32(uint16_t v) {
 
 static inline uint16_t moe_f32_to_bf16(float f) {
   moe_f32bits b = {.f = f};
-  if ((b.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return (uint16_t)((b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16);
+  /* Branch-free (a select, not a jump), so that loops over it vectorise. */
+  const uint32_t rounded = (b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16;
+  return (uint16_t)(((b.u & 0x7fffffffu) > 0x7f800000u) ? 0x7fc0u : rounded);
 }
 
 #if defined(__FLT16_MAX__)

@@ -8,10 +8,11 @@
    `apply_experts` with cheap per-expert affine maps -> combine, compared on every rank),
 3. times, as a user runs it (the caller sets nothing about the allocator), `repeats`
    repetitions of `iters` back-to-back round trips each, with a barrier only before each
-   repetition (a barrier per call would time the barrier): `dispatch`, then `apply_experts`
-   with identity experts (timed apart as `experts_us`: for the TOKEN layout this is where the
-   router weights are applied, for the expert layouts a copy), then `combine`; `total_us` is
-   dispatch + combine (the communication the manager owns),
+   repetition (a barrier per call would time the barrier): `dispatch`, then the expert output
+   of identity experts (`identity_experts`, timed apart as `experts_us`: for the TOKEN layout
+   this is where the router weights are applied; the same as `apply_experts` with identity
+   experts, which the verification step runs), then `combine`; `total_us` is dispatch +
+   combine (the communication the manager owns),
 4. reports, per phase, the median / p10 / p90 over repetitions of the **slowest rank's**
    per-call mean (a collective is as fast as its slowest member), and the bytes each rank put
    on the wire as counted by the manager (`moe_ep.managers.WireBytes`), next to the manager's
@@ -137,6 +138,21 @@ def _identity(local_expert: int, rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def identity_experts(res) -> torch.Tensor:
+    """The expert output of identity experts (`f_e(x) = x`) for `res`, in one or two tensor ops:
+    what `apply_experts(res, lambda e, rows: rows)` returns, without its per-expert loop. The
+    timing uses it so that the experts step costs the same small time on every rank: a slow,
+    uneven experts step would show up as waiting in the next combine."""
+    from moe_ep.managers import Layout, apply_experts
+
+    if res.layout is Layout.TOKEN:
+        # sum over local slots of w_k * x = x * (sum of the local weights); 0 where none.
+        return (res.x.float() * res.topk_weights.sum(dim=1, keepdim=True)).to(res.x.dtype)
+    if res.layout is Layout.EXPERT_PACKED:
+        return res.x
+    return apply_experts(res, _identity)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,7 +173,7 @@ def _time_block(group, mgr, handle, x, weights, ids, iters: int, device
         res = mgr.dispatch(x, weights, ids, handle=handle)
         _sync(device)
         t1 = clock()
-        out = apply_experts(res, _identity)
+        out = identity_experts(res)
         _sync(device)
         t2 = clock()
         mgr.combine(out, res)
@@ -252,7 +268,7 @@ def measure_manager(
         if verified:
             for _ in range(warmup):
                 res = mgr.dispatch(x, weights, ids, handle=handle)
-                mgr.combine(apply_experts(res, _identity), res)
+                mgr.combine(identity_experts(res), res)
             for _ in range(repeats):
                 samples.append(_time_block(group, mgr, handle, x, weights, ids, iters, device))
         sent = (mgr.last_dispatch_bytes.total, mgr.last_combine_bytes.total)

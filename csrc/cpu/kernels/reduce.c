@@ -9,7 +9,9 @@
 #include "moe_kernels.h"
 
 #define HBLOCK 1024 /* hidden elements per accumulator block */
+#define MOE_MAX_SOURCES 64
 
+/* The first term initialises the accumulator (no zeroing pass); a row with no term is 0. */
 #define DEFINE_SEGMENT_SUM(CODE, SUF, ACC)                                                      \
   MOE_CLONES static void segment_sum_##SUF(char *out, uint64_t out_stride, uint64_t nseg,       \
                                            const int64_t *offsets, const int64_t *rows,         \
@@ -17,37 +19,67 @@
                                            size_t es) {                                         \
     ACC acc[HBLOCK];                                                                            \
     for (uint64_t j = 0; j < nseg; ++j) {                                                       \
+      const int64_t t0 = offsets[j], t1 = offsets[j + 1];                                       \
       for (uint64_t h0 = 0; h0 < hidden; h0 += HBLOCK) {                                        \
         const uint64_t m = hidden - h0 < HBLOCK ? hidden - h0 : HBLOCK;                         \
-        for (uint64_t i = 0; i < m; ++i) acc[i] = 0;                                            \
-        for (int64_t t = offsets[j]; t < offsets[j + 1]; ++t) {                                 \
+        char *o = out + (j * out_stride + h0) * es;                                             \
+        if (t0 == t1) {                                                                         \
+          memset(o, 0, m * es);                                                                 \
+          continue;                                                                             \
+        }                                                                                       \
+        const char *s = src + ((uint64_t)rows[t0] * hidden + h0) * es;                          \
+        const ACC w0 = w ? (ACC)w[t0] : (ACC)1;                                                 \
+        for (uint64_t i = 0; i < m; ++i) acc[i] = w0 * (ACC)MOE_LOAD_##SUF(s, i);               \
+        for (int64_t t = t0 + 1; t < t1; ++t) {                                                 \
           const ACC wt = w ? (ACC)w[t] : (ACC)1;                                                \
-          const char *s = src + ((uint64_t)rows[t] * hidden + h0) * es;                         \
+          s = src + ((uint64_t)rows[t] * hidden + h0) * es;                                     \
           for (uint64_t i = 0; i < m; ++i) acc[i] += wt * (ACC)MOE_LOAD_##SUF(s, i);            \
         }                                                                                       \
-        char *o = out + (j * out_stride + h0) * es;                                             \
         for (uint64_t i = 0; i < m; ++i) MOE_STORE_##SUF(o, i, acc[i]);                         \
       }                                                                                         \
     }                                                                                           \
   }
 
+/* One source: a copy (a single term rounds to itself); two: one fused pass; more: an fp32
+ * accumulator. Sources are summed in d order in every case. */
 #define DEFINE_GATHER_SUM(CODE, SUF, ACC)                                                       \
   MOE_CLONES static void gather_sum_##SUF(char *out, uint64_t n, int64_t nsrc,                  \
                                           const void *const *bases, const int64_t *rows,        \
                                           uint64_t hidden, size_t es) {                         \
     ACC acc[HBLOCK];                                                                            \
+    const char *s[MOE_MAX_SOURCES];                                                             \
+    const uint64_t row = hidden * es;                                                           \
     for (uint64_t r = 0; r < n; ++r) {                                                          \
       const int64_t *rr = rows + r * (uint64_t)nsrc;                                            \
+      int ns = 0;                                                                               \
+      for (int64_t d = 0; d < nsrc; ++d)                                                        \
+        if (rr[d] >= 0) s[ns++] = (const char *)bases[d] + (uint64_t)rr[d] * row;               \
+      char *o = out + r * row;                                                                  \
+      if (ns == 0) {                                                                            \
+        memset(o, 0, row);                                                                      \
+        continue;                                                                               \
+      }                                                                                         \
+      if (ns == 1) {                                                                            \
+        memcpy(o, s[0], row);                                                                   \
+        continue;                                                                               \
+      }                                                                                         \
+      if (ns == 2) {                                                                            \
+        const char *a = s[0], *b = s[1];                                                        \
+        for (uint64_t i = 0; i < hidden; ++i)                                                   \
+          MOE_STORE_##SUF(o, i, (ACC)MOE_LOAD_##SUF(a, i) + (ACC)MOE_LOAD_##SUF(b, i));         \
+        continue;                                                                               \
+      }                                                                                         \
       for (uint64_t h0 = 0; h0 < hidden; h0 += HBLOCK) {                                        \
         const uint64_t m = hidden - h0 < HBLOCK ? hidden - h0 : HBLOCK;                         \
-        for (uint64_t i = 0; i < m; ++i) acc[i] = 0;                                            \
-        for (int64_t d = 0; d < nsrc; ++d) {                                                    \
-          if (rr[d] < 0) continue;                                                              \
-          const char *s = (const char *)bases[d] + ((uint64_t)rr[d] * hidden + h0) * es;        \
-          for (uint64_t i = 0; i < m; ++i) acc[i] += (ACC)MOE_LOAD_##SUF(s, i);                 \
+        const char *a = s[0] + h0 * es, *b = s[1] + h0 * es;                                    \
+        for (uint64_t i = 0; i < m; ++i)                                                        \
+          acc[i] = (ACC)MOE_LOAD_##SUF(a, i) + (ACC)MOE_LOAD_##SUF(b, i);                       \
+        for (int p = 2; p < ns; ++p) {                                                          \
+          const char *c = s[p] + h0 * es;                                                       \
+          for (uint64_t i = 0; i < m; ++i) acc[i] += (ACC)MOE_LOAD_##SUF(c, i);                 \
         }                                                                                       \
-        char *o = out + (r * hidden + h0) * es;                                                 \
-        for (uint64_t i = 0; i < m; ++i) MOE_STORE_##SUF(o, i, acc[i]);                         \
+        char *oo = o + h0 * es;                                                                 \
+        for (uint64_t i = 0; i < m; ++i) MOE_STORE_##SUF(oo, i, acc[i]);                        \
       }                                                                                         \
     }                                                                                           \
   }
@@ -106,6 +138,10 @@ int moe_gather_sum(int dtype, void *out, uint64_t n, int64_t nsrc, const void *c
                    const int64_t *src_rows, const int64_t *rows, uint64_t hidden, int64_t *bad) {
   const size_t es = dtype_size(dtype);
   if (!es) return MOE_ERR_DTYPE;
+  if (nsrc < 1 || nsrc > MOE_MAX_SOURCES) {
+    bad[0] = nsrc;
+    return MOE_ERR_BOUNDS;
+  }
   for (uint64_t i = 0; i < n * (uint64_t)nsrc; ++i) {
     const int64_t r = rows[i];
     if (r < -1 || (r >= 0 && r >= src_rows[i % (uint64_t)nsrc])) {
