@@ -12,6 +12,7 @@
 
 typedef struct {
   int used;
+  uint64_t pending_done; /* seq + 1 of a combine whose DONE is not published yet, or 0 */
   shm_ep_geometry g;
   char *base;
   uint64_t half_bytes;
@@ -206,13 +207,33 @@ static inline void publish(shm_ep *ep, int slot, int which, uint64_t seq) {
     shm_publish(word, &ep->ranks[ep->h->rank].waiters, value);
 }
 
+/* First row of this rank's chunk in destination d's block (half b): the lower sources'
+ * counts for d, from the headers of the dispatch that used half b. */
+static int64_t chunk_offset(shm_ep *ep, int slot, uint32_t b, int d) {
+  int64_t off = 0;
+  for (int s = 0; s < ep->h->rank; ++s) off += slot_ctl(ep, s, slot)->dh[b].counts[d];
+  return off;
+}
+
+static void publish_pending_done(shm_ep *ep, int slot, ep_slot *L);
+
+/* The slot, after publishing what its last combine left pending; NULL (error set) if unusable. */
 static ep_slot *usable_slot(shm_ep *ep, int slot) {
   if (shm_check_usable(ep->h)) return NULL;
   if (slot < 0 || slot >= SHM_EP_MAX_SLOTS || !ep->local[slot].used) {
     shm_fail(ep->h, SHM_FAIL_ARG, "EP slot %d is not registered", slot);
     return NULL;
   }
-  return &ep->local[slot];
+  ep_slot *L = &ep->local[slot];
+  publish_pending_done(ep, slot, L);
+  return L;
+}
+
+static void publish_pending_done(shm_ep *ep, int slot, ep_slot *L) {
+  if (L->pending_done) {
+    publish(ep, slot, SHM_EP_DONE, L->pending_done - 1u);
+    L->pending_done = 0;
+  }
 }
 
 int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq) {
@@ -277,16 +298,15 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
     return SHM_EP_REMOTE;
   }
   /* 3. The transfer: my chunk at destination d starts after the lower sources' chunks. */
+  a->received = 0;
   for (int d = 0; d < W; ++d) {
-    int64_t off = 0;
-    for (int s = 0; s < me; ++s) off += slot_ctl(ep, s, slot)->dh[b].counts[d];
-    a->dst_offset[d] = off;
     a->recv_counts[d] = slot_ctl(ep, d, slot)->dh[b].counts[me];
+    a->received += a->recv_counts[d];
   }
   const uint64_t rb = g->row_bytes, sb = g->scale_bytes, k = g->k;
   int64_t start = 0;
   for (int d = 0; d < W; ++d) {
-    const int64_t n = a->send_counts[d], off = a->dst_offset[d];
+    const int64_t n = a->send_counts[d], off = chunk_offset(ep, slot, b, d);
     if (n) {
       char *xr = region(L, d, (int)b, 0) + (uint64_t)off * rb;
       const int64_t *tok = a->send_token + start;
@@ -304,7 +324,18 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
     start += n;
   }
   publish(ep, slot, SHM_EP_DATA, a->seq);
-  return wait_all(ep, slot, SHM_EP_DATA, q + 1u, mine, "dispatch (rows)");
+  if (wait_all(ep, slot, SHM_EP_DATA, q + 1u, mine, "dispatch (rows)")) return -1;
+  /* What the receiver's experts need first: (row, slot) pairs per local expert. */
+  const int64_t *ids = (const int64_t *)region(L, me, (int)b, 1);
+  for (uint64_t e = 0; e < g->num_local; ++e) a->tokens_per_expert[e] = 0;
+  for (int64_t i = 0; i < a->received * (int64_t)k; ++i) {
+    const int64_t e = ids[i];
+    if (e >= (int64_t)g->num_local)
+      return shm_fail(h, SHM_FAIL_ABORT, "shm EP group '%s': a received id %lld is not a local "
+                      "expert of rank %d (corrupt rows)", h->name, (long long)e, me);
+    if (e >= 0) a->tokens_per_expert[e] += 1;
+  }
+  return 0;
 }
 
 int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
@@ -340,13 +371,17 @@ int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
     publish(ep, slot, SHM_EP_DONE, a->seq);
     return SHM_EP_REMOTE;
   }
+  const uint64_t orb = L->g.out_row_bytes;
+  for (int d = 0; d < W; ++d) {
+    const char *base = d == me && a->out != out ? a->out : region(L, d, (int)b, 4);
+    a->bases[d] = base + (uint64_t)chunk_offset(ep, slot, b, d) * orb;
+  }
+  L->pending_done = a->seq + 1u; /* published by the next call, once the caller has summed */
   return 0;
 }
 
-int shm_ep_combine_done(shm_ep *ep, int slot, uint64_t seq) {
-  if (!usable_slot(ep, slot)) return -1;
-  publish(ep, slot, SHM_EP_DONE, seq);
-  return 0;
+int shm_ep_combine_done(shm_ep *ep, int slot) {
+  return usable_slot(ep, slot) ? 0 : -1; /* publishes what is pending */
 }
 
 int shm_ep_agree(shm_ep *ep, uint64_t call, uint64_t seq, const int64_t *mine, int words,

@@ -23,7 +23,9 @@
  *      (sum of the lower sources' counts), publish DATA = q + 1, wait for every peer's.
  * Combine seq q: copy the expert outputs of the other sources' rows into out (unless the caller
  * computed them there), publish cerr[b] and OUT = q + 1, wait for every peer's; the caller then
- * sums its tokens from every owner's out and publishes DONE = q + 1.
+ * sums its tokens from every owner's out. DONE = q + 1 is published by this rank's next call on
+ * the handle (or shm_ep_combine_done): only a peer's dispatch q + 2 waits for it, and that needs
+ * this rank's next call anyway; it saves a native call per round trip.
  *
  * Every rank posts `cur` = (call number, slot, op, seq) when it enters a call, so a waiting rank
  * notices at once when a peer made a different call (skipped a combine, used another handle,
@@ -73,6 +75,7 @@ typedef struct {
   uint64_t k;             /* top-k */
   uint64_t scale_bytes;   /* bytes of one row's scales (0: unquantised) */
   uint64_t out_row_bytes; /* bytes of one expert-output row */
+  uint64_t num_local;     /* experts this rank owns (received ids are in [-1, num_local)) */
 } shm_ep_geometry;
 
 typedef struct shm_ep shm_ep;
@@ -90,8 +93,9 @@ typedef struct {
   const float *row_weights;   /* [S, k] */
   const char *scales;         /* [ntok, scale_bytes] or NULL */
   int64_t *recv_counts;       /* out [W]: rows received from each source */
-  int64_t *dst_offset;        /* out [W]: first row of this rank's chunk at each destination */
   int64_t *peer_err;          /* out [W]: the error code each rank posted */
+  int64_t *tokens_per_expert; /* out [num_local]: received (row, slot) pairs per local expert */
+  int64_t received;           /* out: rows received in all (this rank's block holds them) */
 } shm_ep_dispatch_args;
 
 typedef struct {
@@ -99,6 +103,8 @@ typedef struct {
   int64_t err;
   const char *out;  /* [M, out_row_bytes] expert outputs of the rows received, or NULL on error */
   int64_t *peer_err; /* out [W] */
+  const void **bases; /* out [W]: where this rank's rows' outputs are at each owner (its chunk
+                         of the owner's block; its own from `out` unless `out` is the block) */
 } shm_ep_combine_args;
 
 SHM_API uint64_t shm_ep_control_bytes(int world);
@@ -111,7 +117,7 @@ SHM_API int shm_ep_unregister(shm_ep *ep, int slot);
 SHM_API void *shm_ep_region(shm_ep *ep, int slot, int receiver, int half, int which);
 SHM_API int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a);
 SHM_API int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a);
-SHM_API int shm_ep_combine_done(shm_ep *ep, int slot, uint64_t seq);
+SHM_API int shm_ep_combine_done(shm_ep *ep, int slot);
 /* Mark dispatch `seq` finished without a combine (its result was retired or failed). */
 SHM_API int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq);
 /* Tell the peers this rank will make no further call (they fail at once if they wait on it). */

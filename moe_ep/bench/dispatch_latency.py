@@ -162,8 +162,6 @@ def _time_block(group, mgr, handle, x, weights, ids, iters: int, device
                 ) -> tuple[float, float, float]:
     """One repetition: `iters` back-to-back round trips after one barrier; per-call means
     (dispatch, combine, experts) in microseconds on this rank."""
-    from moe_ep.managers import apply_experts
-
     group.barrier()
     _sync(device)
     t_dispatch = t_combine = t_experts = 0.0

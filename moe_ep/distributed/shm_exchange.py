@@ -36,16 +36,19 @@ from moe_ep.distributed.shm import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExchangeGeometry", "ShmExchange", "ShmExchangeBuffer", "MAX_BUFFERS"]
+__all__ = ["ExchangeGeometry", "MAX_BUFFERS", "REMOTE_ERROR", "ShmExchange",
+           "ShmExchangeBuffer"]
 
 MAX_BUFFERS = 32  # SHM_EP_MAX_SLOTS
 _REMOTE = 1
+#: what `dispatch` / `combine` return when some rank posted an error (see `peer_errors`).
+REMOTE_ERROR = -1
 _X, _IDS, _WEIGHTS, _SCALES, _OUT = range(5)
 
 
 class _Geometry(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in
-                ("cap", "row_bytes", "k", "scale_bytes", "out_row_bytes")]
+                ("cap", "row_bytes", "k", "scale_bytes", "out_row_bytes", "num_local")]
 
 
 class _DispatchArgs(ctypes.Structure):
@@ -54,15 +57,15 @@ class _DispatchArgs(ctypes.Structure):
         ("ntok", ctypes.c_int64), ("send_counts", ctypes.c_void_p),
         ("send_token", ctypes.c_void_p), ("x", ctypes.c_void_p), ("row_ids", ctypes.c_void_p),
         ("row_weights", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-        ("recv_counts", ctypes.c_void_p), ("dst_offset", ctypes.c_void_p),
-        ("peer_err", ctypes.c_void_p),
+        ("recv_counts", ctypes.c_void_p), ("peer_err", ctypes.c_void_p),
+        ("tokens_per_expert", ctypes.c_void_p), ("received", ctypes.c_int64),
     ]
 
 
 class _CombineArgs(ctypes.Structure):
     _fields_ = [
         ("call", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("err", ctypes.c_int64),
-        ("out", ctypes.c_void_p), ("peer_err", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("peer_err", ctypes.c_void_p), ("bases", ctypes.c_void_p),
     ]
 
 
@@ -74,7 +77,8 @@ class ExchangeGeometry:
         capacity: tokens one rank may dispatch per call (rows it may send to one destination).
         hidden: H; dtype: dtype of the dispatched rows; topk: K;
         scale_cols: float32 scales per row sent beside it (0: none);
-        out_dtype: dtype of the expert outputs the combine returns.
+        out_dtype: dtype of the expert outputs the combine returns;
+        num_local: experts this rank owns (the received ids are local ids).
     """
 
     capacity: int
@@ -83,27 +87,13 @@ class ExchangeGeometry:
     topk: int
     scale_cols: int
     out_dtype: torch.dtype
+    num_local: int
 
     def native(self) -> _Geometry:
         es = torch.empty((), dtype=self.dtype).element_size()
         oes = torch.empty((), dtype=self.out_dtype).element_size()
         return _Geometry(self.capacity, self.hidden * es, self.topk, 4 * self.scale_cols,
-                         self.hidden * oes)
-
-
-@dataclass(frozen=True, eq=False)
-class DispatchOutcome:
-    """What one dispatch exchange delivered (per rank of the group, in rank order).
-
-    Attributes:
-        peer_err: the input error code each rank posted (all 0 when the rows moved).
-        recv_counts: rows received from each source (their chunks are consecutive).
-        dst_offset: first row of this rank's chunk in each destination's buffer.
-    """
-
-    peer_err: tuple[int, ...]
-    recv_counts: tuple[int, ...]
-    dst_offset: tuple[int, ...]
+                         self.hidden * oes, self.num_local)
 
 
 class ShmExchange:
@@ -200,7 +190,8 @@ class ShmExchangeBuffer:
 
     Views (per half b in {0, 1}, `W * capacity` rows each, the received rows first):
         x[b] `[rows, H]` dtype; ids[b] `[rows, K] int64`; weights[b] `[rows, K] float32`;
-        scales[b] `[rows, scale_cols] float32` or None; out[b] `[rows, H]` out_dtype.
+        scales[b] `[rows, scale_cols] float32` or None; out[b] `[rows, H]` out_dtype;
+        tokens_per_expert[b] `[num_local] int64`, filled by the dispatch that used half b.
     """
 
     def __init__(self, exchange: ShmExchange, slot: int, geometry: ExchangeGeometry,
@@ -222,7 +213,6 @@ class ShmExchangeBuffer:
             dist.all_gather_object(errors, None, group=exchange.cpu_group)
             rows = self.world_size * geometry.capacity
             self.x, self.ids, self.weights, self.scales, self.out = [], [], [], [], []
-            self._out_base: list[list[int]] = [[0] * self.world_size for _ in range(2)]
             for b in range(2):
                 self.x.append(self._view(self.rank, b, _X, rows * g.row_bytes)
                               .view(geometry.dtype).view(rows, geometry.hidden))
@@ -235,21 +225,25 @@ class ShmExchangeBuffer:
                                    .view(torch.float32).view(rows, geometry.scale_cols))
                 self.out.append(self._view(self.rank, b, _OUT, rows * g.out_row_bytes)
                                 .view(geometry.out_dtype).view(rows, geometry.hidden))
-                for r in range(self.world_size):
-                    self._out_base[b][r] = self._region(r, b, _OUT)
         except BaseException:
             self._lib.shm_ep_unregister(exchange._ep, slot)
             self._buf.destroy()
             raise
-        # Per-half call arguments and outputs, built once: the hot path only sets a few fields.
+        self.out_row_bytes = g.out_row_bytes
+        # Call arguments and outputs, built once: the hot path only sets a few fields.
         w = self.world_size
         self._dargs, self._cargs = _DispatchArgs(), _CombineArgs()
-        self._recv = [(ctypes.c_int64 * w)() for _ in range(2)]
-        self._offset = [(ctypes.c_int64 * w)() for _ in range(2)]
+        self._recv = (ctypes.c_int64 * w)()
         self._perr = (ctypes.c_int64 * w)()
+        #: after a successful combine: where this rank's rows' outputs are at each owner.
+        self.bases = (ctypes.c_void_p * w)()
         self._dargs.peer_err = self._cargs.peer_err = ctypes.addressof(self._perr)
+        self._dargs.recv_counts = ctypes.addressof(self._recv)
+        self.tokens_per_expert = [torch.zeros(geometry.num_local, dtype=torch.int64)
+                                  for _ in range(2)]
+        self._tpe_ptr = [t.data_ptr() for t in self.tokens_per_expert]
+        self._cargs.bases = ctypes.addressof(self.bases)
         self._dref, self._cref = ctypes.byref(self._dargs), ctypes.byref(self._cargs)
-        self.out_row_bytes = g.out_row_bytes
         self.nbytes = nbytes
         self.destroyed = False
 
@@ -260,47 +254,52 @@ class ShmExchangeBuffer:
         return self._buf.view(self._region(receiver, half, which) - self._buf.address, nbytes)
 
     def dispatch(self, call: int, seq: int, err: int, x: torch.Tensor | None,
-                 planner, scales: torch.Tensor | None) -> DispatchOutcome:
+                 planner, scales: torch.Tensor | None) -> int:
         """Move this rank's planned rows (`planner`: a `moe_ep.kernels.DispatchPlanner` that
         planned `x`'s tokens) into the receivers' half `seq & 1`; `err` != 0 posts an input
-        error instead. Raises ShmError when the exchange fails."""
-        a, b = self._dargs, seq & 1
+        error instead. Returns the rows received (views: `x[seq & 1][:rows]`, ...), or
+        `REMOTE_ERROR` when some rank posted an error (`peer_errors()` says which). Raises
+        ShmError when the exchange fails."""
+        a = self._dargs
         a.call, a.seq, a.err = call, seq, err
+        a.tokens_per_expert = self._tpe_ptr[seq & 1]
         if not err:
             a.ntok = x.shape[0]
             a.x = x.data_ptr()
-            a.send_counts = planner.send_counts.data_ptr()
-            a.send_token = planner.send_token.data_ptr()
-            a.row_ids = planner.row_ids.data_ptr()
-            a.row_weights = planner.row_weights.data_ptr()
+            a.send_counts = planner.send_counts_ptr
+            a.send_token = planner.send_token_ptr
+            a.row_ids = planner.row_ids_ptr
+            a.row_weights = planner.row_weights_ptr
             a.scales = scales.data_ptr() if scales is not None else None
-        a.recv_counts = ctypes.addressof(self._recv[b])
-        a.dst_offset = ctypes.addressof(self._offset[b])
         rc = self._lib.shm_ep_dispatch(self._x._ep, self.slot, self._dref)
         if rc < 0:
             raise self._x.fail()
-        return DispatchOutcome(tuple(self._perr), tuple(self._recv[b]), tuple(self._offset[b]))
+        return REMOTE_ERROR if rc == _REMOTE else a.received
 
-    def combine(self, call: int, seq: int, err: int, out: torch.Tensor | None) -> tuple[int, ...]:
+    def recv_counts(self) -> tuple[int, ...]:
+        """Rows the last dispatch received from each source."""
+        return tuple(self._recv)
+
+    def peer_errors(self) -> tuple[int, ...]:
+        """The error code each rank posted in the last dispatch or combine."""
+        return tuple(self._perr)
+
+    def combine(self, call: int, seq: int, err: int, out: torch.Tensor | None) -> int:
         """Post this rank's expert outputs (`out`, the rows it received in order, or None with
-        `err` != 0) and wait for every owner's; returns the error code each rank posted."""
+        `err` != 0) and wait for every owner's. Returns 0 (then `bases` holds where this rank's
+        rows' outputs are at each owner) or `REMOTE_ERROR` (`peer_errors()`)."""
         a = self._cargs
         a.call, a.seq, a.err = call, seq, err
         a.out = out.data_ptr() if out is not None else None
         rc = self._lib.shm_ep_combine(self._x._ep, self.slot, self._cref)
         if rc < 0:
             raise self._x.fail()
-        return tuple(self._perr)
+        return REMOTE_ERROR if rc == _REMOTE else 0
 
-    def owner_bases(self, seq: int) -> tuple[list[int], tuple[int, ...]]:
-        """Addresses of every owner's output block of half `seq & 1` and this rank's chunk
-        offsets there, for the final sum of `combine`."""
-        b = seq & 1
-        return self._out_base[b], tuple(self._offset[b])
-
-    def combine_done(self, seq: int) -> None:
-        """This rank has read every owner's outputs of `seq`."""
-        if self._lib.shm_ep_combine_done(self._x._ep, self.slot, seq):
+    def combine_done(self) -> None:
+        """Say now that this rank has read every owner's outputs of its last combine (its next
+        call on this buffer says it otherwise; see csrc/cpu/shm_ep.h)."""
+        if self._lib.shm_ep_combine_done(self._x._ep, self.slot):
             raise self._x.fail()
 
     def retire(self, seq: int) -> None:

@@ -163,7 +163,11 @@ class DispatchPlanner:
         self.row_weights = torch.empty(rows, self.topk, dtype=torch.float32)
         self.token_rows = torch.empty(max(1, self.capacity), self.world, dtype=torch.int64)
         self._bad = torch.zeros(2, dtype=torch.int64)
-        self._ptrs = (ctypes.c_void_p * self.world)()
+        # Addresses of the plan buffers, for the transport's dispatch (they never move).
+        self.send_counts_ptr = self.send_counts.data_ptr()
+        self.send_token_ptr = self.send_token.data_ptr()
+        self.row_ids_ptr = self.row_ids.data_ptr()
+        self.row_weights_ptr = self.row_weights.data_ptr()
         self._args = (
             self.owner.data_ptr(), self.local.data_ptr(), self.num_experts, self.world,
             self.send_counts.data_ptr(), self.send_token.data_ptr(), self.row_ids.data_ptr(),
@@ -195,16 +199,13 @@ class DispatchPlanner:
                 "ids of one token must be distinct (pad with -1)")
         return KernelError(f"moe_plan_dispatch failed with code {rc}", rc, (t, k))
 
-    def sum_back(self, out: torch.Tensor, bases: list[int], hidden: int) -> torch.Tensor:
-        """The combine's last step for the last plan: `out [N, H]` (contiguous CPU, dtype code
-        of the rows) = for each token, the sum of its rows at each destination d, read from
-        `bases[d]` (the address of the first of the rows this rank sent to d, as returned
-        there: `send_counts[d]` rows of `hidden` elements)."""
-        n = out.shape[0]
-        for d, base in enumerate(bases):
-            self._ptrs[d] = base
-        if self._lib.moe_gather_sum(DTYPE_CODES[out.dtype], out.data_ptr(), n, self.world,
-                                    self._ptrs, self.send_counts.data_ptr(),
+    def sum_back(self, out: torch.Tensor, bases, hidden: int) -> torch.Tensor:
+        """The combine's last step for the last plan: `out [N, H]` (contiguous CPU) = for each
+        token, the sum of its rows at each destination d, read from `bases[d]` (a ctypes array
+        of W addresses: the first of the rows this rank sent to d, as returned there, i.e.
+        `send_counts[d]` rows of `hidden` elements of out's dtype)."""
+        if self._lib.moe_gather_sum(DTYPE_CODES[out.dtype], out.data_ptr(), out.shape[0],
+                                    self.world, bases, self.send_counts_ptr,
                                     self.token_rows.data_ptr(), hidden, self._bad.data_ptr()):
             raise _bounds_error("sum_back: token rows", self._bad)
         return out

@@ -87,5 +87,10 @@ class WireCounter:
                 sum(n for r, n in enumerate(metadata_chunks) if r != self.rank),
             )
 
+    def sent(self, payload: int, metadata: int = 0) -> None:
+        """One collective that put these bytes (all for other ranks) on the wire."""
+        if self.world_size > 1:
+            self._add(payload, metadata)
+
     def freeze(self) -> WireBytes:
         return WireBytes(self.payload, self.metadata, self.header, self.collectives)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import dataclasses
 import enum
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -168,7 +169,7 @@ class EPSpec:
                 f"got {self.out_dtype!r}"
             )
 
-    @property
+    @functools.cached_property
     def combine_dtype(self) -> torch.dtype:
         """The dtype `combine` returns (`out_dtype`, else `dtype`, bfloat16 for float8)."""
         if self.out_dtype is not None:
@@ -328,8 +329,6 @@ class All2AllManager(ABC):
 
     def __init__(self, group: GroupCoordinator, **options: Any) -> None:
         from moe_ep.distributed.group import GroupCoordinator
-        from moe_ep.managers import protocol
-
         if not isinstance(group, GroupCoordinator):
             raise TypeError(f"group must be a GroupCoordinator, got {type(group).__name__}")
         self.options = self._make_options(options)
@@ -418,8 +417,6 @@ class All2AllManager(ABC):
         Made once per distinct spec and cached; a disagreement across ranks raises on every rank
         with each rank's value; a spec the backend cannot serve raises its reason everywhere.
         """
-        from moe_ep.managers import protocol
-
         error: Exception | None = None
         try:
             self._check_usable()
@@ -482,8 +479,6 @@ class All2AllManager(ABC):
         Returns:
             a `DispatchResult` in this manager's layout.
         """
-        from moe_ep.managers import inputs
-
         call = self._begin_call()
         error: Exception | None = None
         checked = None
@@ -530,8 +525,6 @@ class All2AllManager(ABC):
             result: what `dispatch` returned on this rank.
         Returns: `[N, H]` in `result.handle.handle.spec.combine_dtype`.
         """
-        from moe_ep.managers import inputs
-
         call = self._begin_call()
         state: CombineState | None = None
         error: Exception | None = None
@@ -623,8 +616,6 @@ class All2AllManager(ABC):
         Managers whose handles own buffers agree on it collectively first and raise there on
         any rank's error (see `protocol.implicit_handle`); the others look it up locally.
         """
-        from moe_ep.managers import protocol
-
         return protocol.implicit_handle(self, call, x, topk_ids, num_experts, x_scales, error)
 
     @abstractmethod
@@ -653,3 +644,8 @@ def expected_rows(layout: Layout, x: torch.Tensor) -> tuple[int, ...]:
 
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+# The checks and the exchange protocol use the types above; imported last, as modules, so that
+# the hot path does not re-run an import statement per call.
+from moe_ep.managers import inputs, protocol  # noqa: E402

@@ -34,6 +34,7 @@ Bytes per token a rank writes for other ranks: those of deduplicated `alltoallv`
 from __future__ import annotations
 
 import logging
+import ctypes
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,22 +78,20 @@ class ShmHandle(EPHandle):
                                     manager.world_size, spec.topk, spec.max_tokens_per_rank)
             for _ in range(2)
         ]
-        self.counters = [kernels.ExpertCounter(self.num_local) for _ in range(2)]
         self.buffer = None
         if manager.world_size > 1:
             from moe_ep.distributed.shm_exchange import ExchangeGeometry
 
             geometry = ExchangeGeometry(
                 capacity=spec.max_tokens_per_rank, hidden=spec.hidden, dtype=spec.dtype,
-                topk=spec.topk, scale_cols=spec.scale_cols, out_dtype=spec.combine_dtype)
+                topk=spec.topk, scale_cols=spec.scale_cols, out_dtype=spec.combine_dtype,
+                num_local=self.num_local)
             self.buffer = manager.exchange.open_buffer(
                 geometry, f"{manager.group_name}-ep{manager.uid}-h{index}")
             logger.info("shm manager on group %r: handle %d maps %.1f MiB of shared memory "
                         "(%d tokens per rank, H=%d %s)", manager.group_name, index,
                         self.buffer.nbytes / 2**20, spec.max_tokens_per_rank, spec.hidden,
                         str(spec.dtype).removeprefix("torch."))
-        es = torch.empty((), dtype=spec.combine_dtype).element_size()
-        self.out_row_bytes = spec.hidden * es
 
     def _release(self) -> None:
         if self.buffer is not None:
@@ -104,13 +103,10 @@ class ShmState(CombineState):
     """What the combine needs (backend-private).
 
     Attributes:
-        received: M, rows of this rank's block; dst_offset: `[W]` first row of this rank's
-        chunk in each destination's block; packed: the EXPERT_PACKED regrouping, or None.
+        received: M, rows of this rank's block; packed: the EXPERT_PACKED regrouping, or None.
     """
 
     received: int = 0
-    dst_offset: tuple[int, ...] = ()
-    recv_counts: tuple[int, ...] = ()
     packed: Any = None
 
 
@@ -141,8 +137,9 @@ class ShmAll2AllManager(All2AllManager):
         self.layout = Layout(self.options.layout)
         self.implicit_capacity = self.options.max_tokens_per_rank
         self.exchange = None
-        self._sent: tuple[EPSpec, tuple[int, ...]] | None = None
-        self._returned: tuple[EPSpec, tuple[int, ...]] | None = None
+        # What the wire-byte counters are computed from, on demand (off the hot path).
+        self._sent: tuple[ShmHandle, int] | None = None
+        self._returned: tuple[ShmHandle, ShmState] | None = None
         if torch.device(group.device).type != "cpu":
             raise ManagerUnavailableError(
                 f"manager 'shm' needs a CPU group, group {self.group_name!r} is on {group.device}")
@@ -241,26 +238,24 @@ class ShmAll2AllManager(All2AllManager):
         while len(handle.live) >= self.max_live_results:
             handle.buffer.retire(handle.live.pop(0))
         code = protocol.error_code(error)
+        buf = handle.buffer
         try:
-            outcome = handle.buffer.dispatch(
-                call, seq, code, checked.x if code == 0 else None, planner,
-                checked.x_scales if code == 0 else None)
+            received = buf.dispatch(call, seq, code, checked.x if code == 0 else None, planner,
+                                    checked.x_scales if code == 0 else None)
         except Exception as exc:
             self._transport_failed(exc)
             raise
-        protocol.raise_for_errors(self, "dispatch", outcome.peer_err, error)
+        if received < 0 or error is not None:
+            protocol.raise_for_errors(self, "dispatch", buf.peer_errors(), error)
         handle.live.append(seq)
-        received = sum(outcome.recv_counts)
-        buf = handle.buffer
-        ids, weights = buf.ids[half][:received], buf.weights[half][:received]
+        self._sent = (handle, half)
         scales = buf.scales[half]
         state = ShmState(self, handle, call, seq, checked.num_tokens, (received,),
-                         received=received, dst_offset=outcome.dst_offset,
-                         recv_counts=outcome.recv_counts)
-        self._sent = (handle.spec, tuple(planner.send_counts.tolist()))
-        return self._result(state, buf.x[half][:received], ids, weights,
+                         received=received)
+        return self._result(state, buf.x[half][:received], buf.ids[half][:received],
+                            buf.weights[half][:received],
                             None if scales is None else scales[:received],
-                            handle.counters[half])
+                            buf.tokens_per_expert[half])
 
     def _dispatch_local(self, call: int, seq: int, handle: ShmHandle, checked: CheckedInputs,
                         planner: kernels.DispatchPlanner) -> DispatchResult:
@@ -269,17 +264,17 @@ class ShmAll2AllManager(All2AllManager):
         del handle.live[: -self.max_live_results]
         m = int(planner.send_counts[0])
         rows = planner.send_token[:m]
-        state = ShmState(self, handle, call, seq, checked.num_tokens, (m,), received=m,
-                         dst_offset=(0,))
+        state = ShmState(self, handle, call, seq, checked.num_tokens, (m,), received=m)
         scales = None if checked.x_scales is None else checked.x_scales.index_select(0, rows)
-        return self._result(state, checked.x.index_select(0, rows), planner.row_ids[:m].clone(),
-                            planner.row_weights[:m].clone(), scales, handle.counters[seq & 1])
+        row_ids = planner.row_ids[:m].clone()
+        return self._result(state, checked.x.index_select(0, rows), row_ids,
+                            planner.row_weights[:m].clone(), scales,
+                            kernels.count_experts(row_ids, handle.num_local))
 
     def _result(self, state: ShmState, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                scales: torch.Tensor | None, counter: kernels.ExpertCounter) -> DispatchResult:
+                scales: torch.Tensor | None, tpe: torch.Tensor) -> DispatchResult:
         num_local = state.handle.num_local
         if self.layout is Layout.TOKEN:
-            tpe = counter.count(ids)
             return DispatchResult(Layout.TOKEN, x, scales, ids, weights, tpe, state)
         packed = kernels.packed_layout(ids, weights, num_local)
         state.packed = packed
@@ -315,7 +310,7 @@ class ShmAll2AllManager(All2AllManager):
         if self.world_size == 1:
             if error is not None:
                 raise error
-            return self._combine_sum(state, handle, expert_out, [expert_out.data_ptr()])
+            return self._combine_sum(state, handle, expert_out, None)
         out = None
         if error is None:
             out = expert_out
@@ -327,34 +322,30 @@ class ShmAll2AllManager(All2AllManager):
                 kernels.segment_sum(expert_out, p.row_order, p.row_offsets, p.row_weight,
                                     out=block)
                 out = block
+        buf = handle.buffer
         try:
-            codes = handle.buffer.combine(call, state.seq, code, out)
+            rc = buf.combine(call, state.seq, code, out)
         except Exception as exc:
             self._transport_failed(exc)
             raise
-        protocol.raise_for_errors(self, "combine", codes, error)
-        self._returned = (handle.spec, state.recv_counts)
-        bases, offsets = handle.buffer.owner_bases(state.seq)
-        orb = handle.out_row_bytes
-        ptrs = [bases[d] + offsets[d] * orb for d in range(self.world_size)]
-        if out.data_ptr() != handle.buffer.out[half].data_ptr():
-            # This rank's own rows were not copied into its block: sum them from `out`.
-            ptrs[self.rank] = out.data_ptr() + offsets[self.rank] * orb
-        try:
-            return self._combine_sum(state, handle, out, ptrs)
-        finally:
-            handle.buffer.combine_done(state.seq)
+        if rc < 0 or error is not None:
+            protocol.raise_for_errors(self, "combine", buf.peer_errors(), error)
+        self._returned = (handle, state)
+        return self._combine_sum(state, handle, out, buf.bases)
 
     def _combine_sum(self, state: ShmState, handle: ShmHandle, out: torch.Tensor,
-                     ptrs: list[int]) -> torch.Tensor:
+                     bases) -> torch.Tensor:
+        """`[N, H]`: each token's rows summed from the owners (`bases`, the transport's
+        addresses; None with one rank: the rows are `out` itself)."""
         planner = handle.planners[state.seq & 1]
         spec = handle.spec
-        if self.world_size == 1 and self.layout is Layout.EXPERT_PACKED:
-            p = state.packed
-            out = kernels.segment_sum(out, p.row_order, p.row_offsets, p.row_weight)
-            ptrs = [out.data_ptr()]
+        if bases is None:
+            if self.layout is Layout.EXPERT_PACKED:
+                p = state.packed
+                out = kernels.segment_sum(out, p.row_order, p.row_offsets, p.row_weight)
+            bases = (ctypes.c_void_p * 1)(out.data_ptr())
         y = torch.empty((state.num_tokens, spec.hidden), dtype=spec.combine_dtype)
-        return planner.sum_back(y, ptrs, spec.hidden)
+        return planner.sum_back(y, bases, spec.hidden)
 
     # ---- wire accounting -----------------------------------------------------------------
 
@@ -363,7 +354,8 @@ class ShmAll2AllManager(All2AllManager):
         """Rows, ids (int64) and weights written for other ranks, and the control header."""
         if self._sent is None or self.world_size == 1:
             return WireBytes()
-        spec, counts = self._sent
+        handle, half = self._sent
+        spec, counts = handle.spec, handle.planners[half].send_counts.tolist()
         counter = self._new_counter()
         counter.header_exchange(8 * (3 + self.world_size))
         counter.to_others([n * spec.row_bytes() for n in counts],
@@ -375,11 +367,14 @@ class ShmAll2AllManager(All2AllManager):
         """Output rows of the other sources' tokens, and the error word."""
         if self._returned is None or self.world_size == 1:
             return WireBytes()
-        spec, recv = self._returned
+        handle, state = self._returned
+        spec = handle.spec
+        # The other sources' rows: all received rows but this rank's own.
+        own = int(handle.planners[state.seq & 1].send_counts[self.rank])
         counter = self._new_counter()
         counter.header_exchange(8)
         es = torch.empty((), dtype=spec.combine_dtype).element_size()
-        counter.to_others([n * spec.hidden * es for n in recv])
+        counter.sent((state.received - own) * spec.hidden * es)
         return counter.freeze()
 
     # ---- cost model ----------------------------------------------------------------------
