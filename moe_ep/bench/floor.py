@@ -7,11 +7,15 @@ In the same processes, on W local CPU ranks, for each token count, `measure_floo
   tokens once per distinct remote owner (dispatch) plus each row it received back (combine);
 * (c) `shm` dispatch + combine through a handle declared once, the experts step (identity
   experts) timed apart and left out;
-* (d) the same for `alltoallv` over plain gloo (a group built with `use_shm=False`).
+* (d) the same for `alltoallv` over plain gloo (a group built with `use_shm=False`);
+* (e) two `all_to_all_single` calls of the group's shared-memory collective moving the same
+  cross bytes (one per direction): the cross-core copy plus its synchronisation, which is what
+  (b) leaves out, since a one-thread local copy runs from this core's cache.
 
 Every figure is the slowest rank's per-call mean of back-to-back calls between barriers,
 median (and spread) over repetitions; the caller sets nothing about the allocator. The
-ratios are those the issue targets: c/a at 1 token, c/b at 128 and 1024, d/c at 128.
+ratios are those the issue targets: c/a at 1 token, c/b at 128 and 1024, d/c at 128; c/e
+says how far the manager runs above the group's own collective moving the same bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class FloorRow:
 
     Attributes:
         tokens, world_size: the case; cross_bytes: bytes the slowest rank must move.
-        allreduce_us, copy_us, shm_us, gloo_us: (a), (b), (c), (d); *_spread: [min, max].
+        allreduce_us, copy_us, shm_us, gloo_us, a2a_us: (a)-(e); *_spread: [min, max].
         shm_dispatch_us, shm_combine_us, gloo_dispatch_us, gloo_combine_us: the phases.
     """
 
@@ -44,6 +48,7 @@ class FloorRow:
     copy_us: float
     shm_us: float
     gloo_us: float
+    a2a_us: float
     shm_dispatch_us: float
     shm_combine_us: float
     gloo_dispatch_us: float
@@ -56,7 +61,7 @@ class FloorRow:
     @property
     def ratios(self) -> dict[str, float]:
         return {"c/a": self.shm_us / self.allreduce_us, "c/b": self.shm_us / self.copy_us,
-                "d/c": self.gloo_us / self.shm_us}
+                "d/c": self.gloo_us / self.shm_us, "c/e": self.shm_us / self.a2a_us}
 
 
 def _blocks(group, fn, iters: int, repeats: int) -> list[float]:
@@ -111,6 +116,16 @@ def floor_worker(info, tokens_list, hidden: int, num_experts: int, topk: int,
             torch.set_num_threads(1)  # (b) is a one-thread copy
             copy = _blocks(shm_group, lambda d=dst, s=src: d.copy_(s), 50, repeats)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+            # (e): each rank sends cross/2 bytes split over its peers, once per direction.
+            chunk = max(1, cross // 2 // max(1, world - 1))
+            a2a_src = torch.ones(world * chunk, dtype=torch.uint8)
+
+            def a2a(s=a2a_src):
+                shm_group.all_to_all_single(s)
+                shm_group.all_to_all_single(s)
+
+            a2a()
+            a2a_blocks = _blocks(shm_group, a2a, 50, repeats)
             kw = dict(tokens_per_rank=tokens, hidden=hidden, num_experts=num_experts, topk=topk,
                       dtype=dtype, warmup=3)
             shm = measure_manager(shm_group, "shm", iters=iters, repeats=repeats, **kw)
@@ -120,13 +135,14 @@ def floor_worker(info, tokens_list, hidden: int, num_experts: int, topk: int,
                 if not res.verified:
                     raise RuntimeError(res.error)
             # The slowest rank of each repetition.
-            gathered = shm_group.all_gather_object((allreduce, copy))
-            ar_blocks = [max(b) for b in zip(*[g[0] for g in gathered], strict=True)]
-            copy_blocks = [max(b) for b in zip(*[g[1] for g in gathered], strict=True)]
+            gathered = shm_group.all_gather_object((allreduce, copy, a2a_blocks))
+            ar_blocks, copy_blocks, a2a_slowest = (
+                [max(b) for b in zip(*[g[i] for g in gathered], strict=True)] for i in range(3))
             rows.append(FloorRow(
                 tokens=tokens, world_size=world, cross_bytes=cross,
                 allreduce_us=statistics.median(ar_blocks), copy_us=statistics.median(copy_blocks),
                 shm_us=shm.total_us.median, gloo_us=gloo.total_us.median,
+                a2a_us=statistics.median(a2a_slowest),
                 shm_dispatch_us=shm.dispatch_us.median, shm_combine_us=shm.combine_us.median,
                 gloo_dispatch_us=gloo.dispatch_us.median, gloo_combine_us=gloo.combine_us.median,
                 allreduce_spread=(min(ar_blocks), max(ar_blocks)),
@@ -144,7 +160,7 @@ def measure_floor(world_size: int = 2, tokens=(1, 128, 1024), *, hidden: int = 4
                   num_experts: int = 64, topk: int = 8, dtype: str = "bfloat16",
                   iters: int = 50, repeats: int = 5, gloo_iters: int = 5,
                   timeout: float = 900.0) -> list[FloorRow]:
-    """Spawn `world_size` CPU ranks and measure (a)-(d) for each token count."""
+    """Spawn `world_size` CPU ranks and measure (a)-(e) for each token count."""
     from moe_ep.launch import run_distributed
 
     rows = run_distributed(world_size, floor_worker, tuple(tokens), hidden, num_experts, topk,
@@ -160,8 +176,9 @@ def measure_floor(world_size: int = 2, tokens=(1, 128, 1024), *, hidden: int = 4
 def format_floor(rows: list[FloorRow]) -> str:
     """Markdown table of the floor comparison, targets beside the ratios."""
     head = ("| tokens | (a) 8 KiB all-reduce us | (b) copy of the cross bytes us | "
-            "(c) shm dispatch+combine us | (d) alltoallv on gloo us | c/a | c/b | d/c |")
-    lines = [head, "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+            "(c) shm dispatch+combine us | (d) alltoallv on gloo us | "
+            "(e) shm all-to-all of the cross bytes us | c/a | c/b | d/c | c/e |")
+    lines = [head, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         q = r.ratios
         lines.append(
@@ -169,7 +186,8 @@ def format_floor(rows: list[FloorRow]) -> str:
             f"({r.cross_bytes / 1e6:.2f} MB) | {r.shm_us:.1f} "
             f"[{r.shm_spread[0]:.0f}-{r.shm_spread[1]:.0f}] "
             f"(d {r.shm_dispatch_us:.0f} + c {r.shm_combine_us:.0f}) | {r.gloo_us:.0f} | "
-            f"{q['c/a']:.1f} | {q['c/b']:.1f} | {q['d/c']:.1f} |")
+            f"{r.a2a_us:.1f} | {q['c/a']:.1f} | {q['c/b']:.1f} | {q['d/c']:.1f} | "
+            f"{q['c/e']:.1f} |")
     lines.append("")
     lines.append("Targets: c/a <= 8 at 1 token; c/b <= 4 at 128 and 1024 tokens; "
                  "d/c >= 10 at 128 tokens.")

@@ -734,7 +734,7 @@ class ShmCommunicator:
                 )
         body = (ctypes.c_void_p * self.world_size)(*[c.data_ptr() for c in chunks])
         nbytes = (ctypes.c_uint64 * self.world_size)(*[_nbytes(c) for c in chunks])
-        return self._all_to_all(h, chunks[0], body, nbytes, None, None).rows
+        return self._all_to_all(h, chunks[0], body, nbytes, None).rows
 
     def all_to_all_single(self, x: torch.Tensor, send_rows: Sequence[int]) -> torch.Tensor:
         """Rows `x[sum(send_rows[:r]) : sum(send_rows[:r + 1])]` go to rank r; returns the rows
@@ -759,7 +759,7 @@ class ShmCommunicator:
             off += n * row_bytes
         body = (ctypes.c_void_p * self.world_size)(*ptrs)
         nbytes = (ctypes.c_uint64 * self.world_size)(*[n * row_bytes for n in send_rows])
-        return self._all_to_all(h, x, body, nbytes, None, None).flat
+        return self._all_to_all(h, x, body, nbytes, None, flat_only=True)
 
     def all_to_all_rows(
         self,
@@ -804,7 +804,10 @@ class ShmCommunicator:
         idx = (ctypes.c_void_p * self.world_size)(*[r.data_ptr() for r in row_ids])
         return self._all_to_all(h, x, body, nbytes, idx, (head_ptrs, head_bytes))
 
-    def _all_to_all(self, h, like, body, nbytes, idx, heads) -> RowsExchange:
+    def _all_to_all(self, h, like, body, nbytes, idx, heads=None, *, flat_only=False):
+        """Run one all-to-all; returns the `[sum received, *trailing]` rows alone when
+        `flat_only` (no per-rank views, no head buffer: each torch call costs microseconds
+        here), else a `RowsExchange`."""
         trailing = tuple(like.shape[1:])
         row_bytes = _row_bytes(like)
         head_ptrs, head_bytes = heads if heads is not None else (None, None)
@@ -814,24 +817,30 @@ class ShmCommunicator:
                                           _DTYPE_CODE[like.dtype], recv_head, recv_body):
             raise self._fail()
         W = self.world_size
-        rows = [recv_body[r] // row_bytes if row_bytes else 0 for r in range(W)]
-        flat = like.new_empty((sum(rows), *trailing))
-        body_out, base, off = (ctypes.c_void_p * W)(), flat.data_ptr(), 0
+        received = recv_body[:W]
+        flat = like.new_empty((sum(received) // row_bytes if row_bytes else 0, *trailing))
+        body_out, off = (ctypes.c_void_p * W)(), flat.data_ptr()
         for r in range(W):
-            body_out[r] = base + off
-            off += recv_body[r]
-        # Heads land at 64-byte aligned offsets so that callers can view them as any dtype.
-        starts = [0] * (W + 1)
-        for r in range(W):
-            starts[r + 1] = starts[r] + (recv_head[r] + 63) // 64 * 64
-        head_buf = torch.empty(starts[W], dtype=torch.uint8)
-        head_out = (ctypes.c_void_p * W)(*[head_buf.data_ptr() + starts[r] for r in range(W)])
+            body_out[r] = off
+            off += received[r]
+        head_buf, head_out, starts = None, None, [0] * (W + 1)
+        if heads is not None:
+            # Heads land at 64-byte aligned offsets so that callers can view them as any dtype.
+            for r in range(W):
+                starts[r + 1] = starts[r] + (recv_head[r] + 63) // 64 * 64
+            head_buf = torch.empty(starts[W], dtype=torch.uint8)
+            base = head_buf.data_ptr()
+            head_out = (ctypes.c_void_p * W)(*[base + starts[r] for r in range(W)])
         if self._lib.shm_all_to_all_finish(h, head_out, body_out):
             raise self._fail()
+        if flat_only:
+            return flat
+        rows = [b // row_bytes if row_bytes else 0 for b in received]
         return RowsExchange(
             flat=flat,
             rows=tuple(flat.split(rows)),
-            heads=tuple(head_buf[starts[r] : starts[r] + recv_head[r]] for r in range(W)),
+            heads=tuple(head_buf[starts[r] : starts[r] + recv_head[r]] for r in range(W))
+            if head_buf is not None else (torch.empty(0, dtype=torch.uint8),) * W,
         )
 
     # -------------------------------------------------------------- point to point
