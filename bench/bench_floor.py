@@ -1,6 +1,6 @@
 """The floor comparison of issue 8: `shm` dispatch + combine against the 8 KiB all-reduce, a
 one-thread copy of the bytes that must cross ranks, and `alltoallv` over plain gloo, all
-measured in one job (see `moe_ep.bench.floor`). Also `moe-ep bench --floor`.
+measured in one job (see `moe_ep.bench.floor`; results in docs/design.md#the-floor).
 
     python bench/bench_floor.py                          # W=2, 1 / 128 / 1024 tokens
     python bench/bench_floor.py --world-size 4 --tokens 1,128

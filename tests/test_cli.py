@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_ep.cli import build_parser, local_topology, main
 from moe_ep.config import load_config, select, shipped_configs
@@ -335,3 +336,28 @@ def test_verbose_and_quiet_set_the_log_level(capsys):
     for flag, level in (("--verbose", logging.INFO), ("--quiet", logging.ERROR)):
         run_main(capsys, flag, "check-config", "cpu-local")
         assert logging.getLogger("moe_ep").level == level
+
+
+def test_floor_bench_tiny():
+    """bench/bench_floor.py's engine at a tiny size: every column measured, and the cross bytes
+    equal an independent count (each token once per distinct remote rank owning one of its
+    experts, both directions, for the rank that sends most)."""
+    from moe_ep.bench.dispatch_latency import make_inputs
+    from moe_ep.bench.floor import format_floor, measure_floor
+
+    W, T, H, E, K = 2, 8, 64, 8, 2
+    (row,) = measure_floor(W, (T,), hidden=H, num_experts=E, topk=K, iters=2, repeats=2,
+                           gloo_iters=1, timeout=300)
+    sent = []
+    for rank in range(W):
+        _, _, ids = make_inputs(rank, tokens=T, hidden=H, num_experts=E, topk=K,
+                                dtype=torch.bfloat16)
+        owners = ids // (E // W)  # contiguous placement: E / W experts per rank
+        sent.append(sum(int((owners == d).any(dim=1).sum()) for d in range(W) if d != rank))
+    assert row.cross_bytes == 2 * max(sent) * H * 2
+    assert row.tokens == T and row.world_size == W
+    for us in (row.allreduce_us, row.copy_us, row.shm_us, row.gloo_us, row.a2a_us):
+        assert us > 0
+    assert set(row.ratios) == {"c/a", "c/b", "d/c", "c/e"}
+    table = format_floor([row])
+    assert f"\n| {T} | " in table and "Targets" in table

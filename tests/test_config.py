@@ -31,6 +31,11 @@ SHIPPED = ("cpu-local", "single-node-nvlink", "multi-node-rdma", "gb200-nvl72")
 CPU2 = Topology(device="cpu", world_size=2, local_world_size=2)
 CPU6 = Topology(device="cpu", world_size=6, local_world_size=6)
 CPU16 = Topology(device="cpu", world_size=16, local_world_size=16)
+# Two CPU hosts of 2 (resp. 8) ranks each.
+CPU_HOSTS4 = Topology(device="cpu", world_size=4, local_world_size=2,
+                      same_node=(True,) * 2 + (False,) * 2)
+CPU_HOSTS16 = Topology(device="cpu", world_size=16, local_world_size=8,
+                       same_node=(True,) * 8 + (False,) * 8)
 HGX8 = Topology(device="cuda", world_size=8, local_world_size=8, nvlink=True, gpus_per_node=8)
 PCIE8 = Topology(device="cuda", world_size=8, local_world_size=8, nvlink=False, gpus_per_node=8)
 TWO_NODES = Topology(device="cuda", world_size=16, local_world_size=8,
@@ -92,11 +97,13 @@ def test_shipped_config_loads_by_name_and_path_and_round_trips(name):
 
 # (config, topology, phase, missing backends) -> (selected backend, options)
 TABLE = [
-    ("cpu-local", CPU2, "decode", (), "allgather_reducescatter", {}),
-    ("cpu-local", CPU2, "prefill", ("allgather_reducescatter",), "shm", {}),
+    ("cpu-local", CPU2, "decode", (), "shm", {}),
+    ("cpu-local", CPU2, "prefill", ("shm",), "allgather_reducescatter", {}),
     ("cpu-local", CPU6, "prefill", (), "shm", {}),
     ("cpu-local", CPU6, "decode", ("shm",), "alltoallv", {}),
-    ("cpu-local", CPU16, "prefill", (), "alltoallv", {}),
+    ("cpu-local", CPU16, "prefill", (), "shm", {}),
+    ("cpu-local", CPU_HOSTS4, "decode", (), "allgather_reducescatter", {}),
+    ("cpu-local", CPU_HOSTS16, "prefill", (), "alltoallv", {}),
     ("cpu-local", CPU2, None, ("shm", "allgather_reducescatter"), "alltoallv", {}),
     ("cpu-local", CPU2, None, ("shm", "allgather_reducescatter", "alltoallv"), "naive", {}),
     ("single-node-nvlink", HGX8, "decode", (), "deepep_low_latency",
@@ -160,10 +167,10 @@ def test_skipped_reasons_name_the_failing_condition():
     sel = select(load_config("multi-node-rdma"), HGX8, "decode", availability=all_available())
     assert sel.skipped[0][1] == ("does not match: job spans a single node, "
                                  "rule needs internode")
-    sel = select(load_config("cpu-local"), CPU16, "decode", availability=all_available())
+    sel = select(load_config("cpu-local"), CPU_HOSTS16, "decode", availability=all_available())
     assert [why for _, why in sel.skipped] == [
+        "does not match: job spans 2 nodes, rule needs a single node",
         "does not match: world size is 16, rule needs <= 4",
-        "does not match: world size is 16, rule needs <= 8",
     ]
 
 
