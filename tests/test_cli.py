@@ -361,3 +361,15 @@ def test_floor_bench_tiny():
     assert set(row.ratios) == {"c/a", "c/b", "d/c", "c/e"}
     table = format_floor([row])
     assert f"\n| {T} | " in table and "Targets" in table
+
+
+def test_bench_floor_flag(tmp_path, capsys):
+    """`moe-ep bench --floor` runs the same engine and writes its table; misuse exits 2."""
+    code, out, _ = run_main(capsys, "bench", "--floor", "--tokens", "2", "--out", str(tmp_path))
+    assert code == 0
+    table = (tmp_path / "floor_w2.md").read_text()
+    assert "\n| 2 | " in table and table.strip() in out
+    rows = json.loads((tmp_path / "floor_w2.json").read_text())
+    assert [r["tokens"] for r in rows] == [2] and rows[0]["shm_us"] > 0
+    code, _, err = run_main(capsys, "bench", "--floor", "--managers", "shm")
+    assert code == 2 and "--floor" in err

@@ -20,13 +20,19 @@ says how far the manager runs above the group's own collective moving the same b
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["FloorRow", "floor_worker", "format_floor", "measure_floor"]
+__all__ = ["FloorRow", "floor_worker", "format_floor", "measure_floor", "run_floor"]
+
+#: The issue's shape: H=4096 bf16, 64 experts, top-8.
+FLOOR_SHAPE = dict(hidden=4096, num_experts=64, topk=8, dtype="bfloat16")
+FLOOR_TOKENS = (1, 128, 1024)
 
 _AR_BYTES = 8 << 10
 
@@ -196,3 +202,21 @@ def format_floor(rows: list[FloorRow]) -> str:
 
 def floor_json(rows: list[FloorRow]) -> list[dict[str, Any]]:
     return [dict(asdict(r), ratios=r.ratios) for r in rows]
+
+
+def run_floor(world_size: int = 2, tokens=FLOOR_TOKENS, *, iters: int = 50, repeats: int = 5,
+              out: str | Path = "bench_out", timeout: float = 900.0) -> list[FloorRow]:
+    """Measure at `FLOOR_SHAPE`, print the table, write `floor_w{W}.{json,md}` under `out`
+    (what `python bench/bench_floor.py` and `moe-ep bench --floor` run)."""
+    print(f"moe-ep floor: {world_size} CPU ranks, tokens {','.join(map(str, tokens))}, "
+          "H=4096 bf16, E=64, top-8, random routing, identity experts", flush=True)
+    rows = measure_floor(world_size, tuple(tokens), iters=iters, repeats=repeats,
+                         timeout=timeout, **FLOOR_SHAPE)
+    table = format_floor(rows)
+    print(table, flush=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"floor_w{world_size}.json").write_text(json.dumps(floor_json(rows), indent=2))
+    (out / f"floor_w{world_size}.md").write_text(table + "\n")
+    print(f"wrote {out / f'floor_w{world_size}.json'}, {out / f'floor_w{world_size}.md'}")
+    return rows

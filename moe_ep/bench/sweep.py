@@ -121,6 +121,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="run the backend(s) this config selects here (path or shipped name)")
     g.add_argument("--phase", choices=("prefill", "decode", "all"), default="all",
                    help="with --config: the phase(s) to select for (default: all)")
+    g.add_argument("--floor", action="store_true",
+                   help="instead of the sweep, how close `shm` runs to the physical floor "
+                        "(docs/design.md#the-floor): 1, 128 and 1024 tokens (or --tokens), "
+                        "H=4096 bf16, E=64, top-8, on --world-size CPU ranks; writes "
+                        "floor_w{N}.json/.md to --out")
     g = p.add_argument_group("sweep (comma-separated lists; every combination is measured)")
     g.add_argument("--tokens", type=_int_list, default=DEFAULT_TOKENS, metavar="N,..",
                    help=f"tokens per rank (default: {csv(DEFAULT_TOKENS)})")
@@ -522,6 +527,8 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     _check_args(args)
     check_out_dir(Path(args.out))
+    if args.floor:
+        return _floor(args)
     started = time.perf_counter()
     if under_torchrun():
         if args.world_size is not None and args.world_size != int(os.environ["WORLD_SIZE"]):
@@ -551,6 +558,20 @@ def main_from_args(args: argparse.Namespace) -> int:
     paths = write_outputs(rows, meta, Path(args.out), plot=not args.no_plot)
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f" in {meta['wall_s']} s")
     return 0 if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
+
+
+def _floor(args: argparse.Namespace) -> int:
+    from moe_ep.bench.floor import FLOOR_TOKENS, run_floor
+    from moe_ep.launch import CLIError, under_torchrun
+
+    if under_torchrun():
+        raise CLIError("--floor spawns its own CPU ranks: run it without torchrun")
+    if args.managers is not None or args.config is not None:
+        raise CLIError("--floor measures shm and alltoallv itself: drop --managers / --config")
+    tokens = FLOOR_TOKENS if args.tokens == DEFAULT_TOKENS else tuple(args.tokens)
+    # --timeout bounds one case; the floor run is one job of several cases.
+    run_floor(args.world_size or 2, tokens, out=args.out, timeout=args.timeout * len(tokens))
+    return 0
 
 
 def _announce(plan: Plan, meta: Mapping[str, Any]) -> None:
