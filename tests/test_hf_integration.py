@@ -207,7 +207,7 @@ def _from_pretrained_matches(info, root):
             full = _param_count(ref)
             del ref
             # The manager given directly, or chosen by the shipped config (cpu-local picks
-            # allgather_reducescatter up to 4 ranks).
+            # shm for ranks on one host).
             by_config = fmt == "fused"
             mgr = None if by_config else build_manager(MANAGER_OF[name], groups.ep)
             model = from_pretrained(path, groups.ep, manager=mgr,
@@ -239,7 +239,7 @@ def test_from_pretrained_matches_transformers(dist_pool, world_size, tmp_path):
     reports = dist_pool(world_size).run(_from_pretrained_matches, str(tmp_path), timeout=600)
     for report in reports:
         assert report["mixtral-per_expert"] == "alltoallv"
-        assert report["deepseek_v3-fused"] == "allgather_reducescatter"  # from cpu-local
+        assert report["deepseek_v3-fused"] == "shm"  # from cpu-local
 
 
 def test_unsupported_models_name_the_block_class():

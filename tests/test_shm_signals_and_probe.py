@@ -51,6 +51,9 @@ def _reap(procs) -> None:
 
 # ------------------------------------------------------------------------------ SIGINT
 def _interrupt_worker(rank: int, store: str, q) -> None:
+    # As in an interactive process: a shell starts background jobs (and so whatever runs the
+    # suite there) with SIGINT ignored, and Python then installs no handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _init(rank, store)
     g = GroupCoordinator([[0, 1]], "sigint", timeout_s=120)
     q.put(("ready", rank, os.getpid()))

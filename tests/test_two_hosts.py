@@ -169,7 +169,8 @@ def test_configs_select_as_check_config_predicts(checks, hosts, monkeypatch):
                                    str(WORLD))
     assert _without_topology_note(one_node) != _without_topology_note(internode)
     # On the nodes of cpu-local and multi-node-rdma the job falls to the expected entries.
-    assert "phase decode: allgather_reducescatter  <- all2all.rules[0]" in (
+    # (cpu-local's shared-memory rule needs one node; gather-all takes <= 4 ranks.)
+    assert "phase decode: allgather_reducescatter  <- all2all.rules[1]" in (
         checks[0]["check_config"]["cpu-local"][1])
     assert "phase decode: alltoallv  <- all2all.fallback[0]" in (
         checks[0]["check_config"]["multi-node-rdma"][1])
