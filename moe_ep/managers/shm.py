@@ -249,13 +249,9 @@ class ShmAll2AllManager(All2AllManager):
             protocol.raise_for_errors(self, "dispatch", buf.peer_errors(), error)
         handle.live.append(seq)
         self._sent = (handle, half)
-        scales = buf.scales[half]
         state = ShmState(self, handle, call, seq, checked.num_tokens, (received,),
                          received=received)
-        return self._result(state, buf.x[half][:received], buf.ids[half][:received],
-                            buf.weights[half][:received],
-                            None if scales is None else scales[:received],
-                            buf.tokens_per_expert[half])
+        return self._result(state, *buf.received(half, received), buf.tokens_per_expert[half])
 
     def _dispatch_local(self, call: int, seq: int, handle: ShmHandle, checked: CheckedInputs,
                         planner: kernels.DispatchPlanner) -> DispatchResult:
