@@ -32,11 +32,10 @@ or stalled peer is named within the group's timeout.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
 import enum
 import functools
-import math
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -635,15 +634,6 @@ class All2AllManager(ABC):
         live = state.handle.live
         if state.seq in live:
             live.remove(state.seq)
-
-
-def expected_rows(layout: Layout, x: torch.Tensor) -> tuple[int, ...]:
-    """The leading dimensions of the expert output `combine` expects for `x` in `layout`."""
-    return tuple(x.shape[:2]) if layout is Layout.EXPERT_PADDED else (int(x.shape[0]),)
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
 
 
 # The checks and the exchange protocol use the types above; imported last, as modules, so that
