@@ -167,3 +167,46 @@ def test_misuse_fails_every_rank_promptly(dist_pool, world):
 def test_error_types_are_exported():
     assert issubclass(RemoteInputError, ValueError)
     assert issubclass(CallMismatchError, RuntimeError)
+
+
+def _stalled_peer(info, name):
+    """The last rank builds the manager, then never joins the dispatch: over gloo the others
+    get an error naming the group, the rank and its timeout within that timeout, and the group
+    (so the manager) refuses further calls at once instead of deadlocking."""
+    group = GroupCoordinator([list(range(info.world_size))], "ep_gloo", use_shm=False,
+                             timeout_s=2.0)
+    try:
+        mgr = build_manager(name, group)
+        if info.rank == info.world_size - 1:
+            time.sleep(4.0)  # past the timeout; then leave without a collective
+            return None
+        x, w, ids = _inputs(info.rank, info.world_size, 3)
+        start = time.monotonic()
+        try:
+            mgr.dispatch(x, w, ids, num_experts=E)
+            return ("none", "", 0.0, "", "")
+        except Exception as exc:  # noqa: BLE001 - checked in the parent
+            first = (type(exc).__name__, str(exc), time.monotonic() - start,
+                     type(exc.__cause__).__name__)
+        start = time.monotonic()
+        try:
+            mgr.dispatch(x, w, ids, num_experts=E)
+            after = "works"
+        except RuntimeError as exc:
+            after = str(exc)
+        return (*first, after, time.monotonic() - start)
+    finally:
+        group.destroy()
+
+
+@pytest.mark.parametrize("name", ["naive", "alltoallv"])
+def test_stalled_peer_over_gloo_times_out_in_the_groups_terms(name):
+    from moe_ep.testing import run_distributed
+
+    exc_type, message, elapsed, cause, after, after_s = run_distributed(
+        2, _stalled_peer, name, timeout=120)[0]
+    assert exc_type == cause, (exc_type, cause, message)  # gloo's own type, chained
+    assert "group 'ep_gloo' (rank 0 of 2, global rank 0)" in message, message
+    assert "unreachable, dead or stalled past the group's timeout (2 s)" in message, message
+    assert elapsed < LIMIT_S, elapsed
+    assert "is unusable" in after and "stalled past" in after and after_s < 1.0, after

@@ -216,6 +216,11 @@ def test_cut_off_host_fails_the_other_within_the_timeout(hosts):
         elapsed = r["t_error"] - result.t_cut
         assert 0 <= elapsed <= CUT_TIMEOUT_S + slack, (rank, elapsed, r["error"])
         assert re.search(r"timed out|timeout", r["error"], re.IGNORECASE), r["error"]
+        # Said in the group's terms: which group, which rank, and the timeout it waited.
+        assert f"group 'ep' (rank {rank} of {WORLD}, global rank {rank})" in r["error"], (
+            r["error"])
+        assert f"stalled past the group's timeout ({CUT_TIMEOUT_S:g} s)" in r["error"], (
+            r["error"])
         # The rank's error reached host 0's console, naming the rank and its host.
         assert f"rank {rank} ({hosts.hosts[0].hostname}): " in job.stderr[0]
     assert hosts.processes_left(wait=5.0) == []  # both hosts' processes are gone

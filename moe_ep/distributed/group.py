@@ -17,16 +17,18 @@ transports' own rules live in `moe_ep.distributed.communicators`. Every wait is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
+import re
 import secrets
 import socket
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,9 +40,50 @@ from moe_ep.distributed.communicators import (
     GlooCommunicator,
     SharedMemoryCommunicator,
 )
-from moe_ep.distributed.shm import ShmCommunicator
+from moe_ep.distributed.shm import ShmCommunicator, ShmError
 
 logger = logging.getLogger(__name__)
+
+_Method = TypeVar("_Method")
+
+# How gloo and NCCL word a peer that is gone or stalled (their errors are plain RuntimeErrors,
+# DistBackendError at best): "Timed out waiting 2000ms for recv operation", "Connection closed
+# by peer [10.0.0.2]:4242", "Connection reset by peer", "connectFullMesh failed", "NCCL error".
+_TRANSPORT_FAILURE = re.compile(
+    r"timed out|timeout|connection (closed|reset|refused)|broken pipe|connectfullmesh|"
+    r"nccl (error|watchdog)|socket", re.IGNORECASE)
+
+
+def _transport_errors(method: _Method) -> _Method:
+    """Say a process-group failure inside a collective in the group's terms.
+
+    The error keeps its type, names the group, this rank, the op and the group's timeout, and
+    chains gloo's own (`from`); the group is unusable afterwards (gloo's pairs are torn, and a
+    rank that carried on would deadlock its peers), so later calls raise at once.
+    """
+
+    @functools.wraps(method)
+    def wrapped(self: GroupCoordinator, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as exc:
+            if (isinstance(exc, ShmError) or self._broken is not None or self._destroyed
+                    or not _TRANSPORT_FAILURE.search(str(exc))):
+                raise
+            said = str(exc).strip().splitlines()
+            self._broken = (
+                f"group {self.name!r} (rank {self.rank_in_group} of {self.world_size}, global "
+                f"rank {self.rank}): {method.__name__} failed in the transport: a peer is "
+                f"unreachable, dead or stalled past the group's timeout ({self.timeout_s:g} s); "
+                f"{type(exc).__name__}: {said[0] if said else ''}"
+            )
+            try:
+                error = type(exc)(self._broken)
+            except Exception:  # noqa: BLE001 - an error type that takes other arguments
+                error = RuntimeError(self._broken)
+            raise error from exc
+
+    return wrapped  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -102,6 +145,7 @@ class GroupCoordinator:
         self.backend = backend
         self.device = _device_for(backend, name)
         self._destroyed = False
+        self._broken: str | None = None  # why a collective failed in the transport
         self.ranks: list[int] = []
         self._cpu_group: ProcessGroup | None = None
         self._device_group: ProcessGroup | None = None
@@ -194,6 +238,8 @@ class GroupCoordinator:
         # not hand None to a collective.
         if self._destroyed:
             raise RuntimeError(f"GroupCoordinator({self.name!r}) was destroyed; build a new one")
+        if self._broken is not None:
+            raise RuntimeError(f"GroupCoordinator({self.name!r}) is unusable: {self._broken}")
 
     def destroy(self) -> None:
         """Free the shared-memory segments and the process groups (idempotent)."""
@@ -253,6 +299,7 @@ class GroupCoordinator:
         return sizes
 
     # ------------------------------------------------------------ collectives
+    @_transport_errors
     def all_reduce(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sum `x` (any shape and dtype) over the group.
 
@@ -267,6 +314,7 @@ class GroupCoordinator:
             return x if out is None or out is x else out.copy_(x)
         return self._comm(x).all_reduce(x.contiguous(), out)
 
+    @_transport_errors
     def all_gather(
         self, x: torch.Tensor, dim: int = -1, *, out: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -285,6 +333,7 @@ class GroupCoordinator:
             return x if out is None else out.copy_(x)
         return self._comm(x).all_gather(x.contiguous(), dim, out)
 
+    @_transport_errors
     def all_gatherv(
         self,
         x: torch.Tensor | Sequence[torch.Tensor],
@@ -331,6 +380,7 @@ class GroupCoordinator:
             )
         return self.reduce_scatterv(x, dim, [x.shape[dim] // self.world_size] * self.world_size)
 
+    @_transport_errors
     def reduce_scatterv(
         self, x: torch.Tensor, dim: int = 0, sizes: Sequence[int] | None = None
     ) -> torch.Tensor:
@@ -349,6 +399,7 @@ class GroupCoordinator:
         rows = x.movedim(dim, 0).contiguous()
         return self._comm(rows).reduce_scatterv(rows, sizes).movedim(0, dim).contiguous()
 
+    @_transport_errors
     def all_to_all_single(
         self,
         x: torch.Tensor,
@@ -391,6 +442,7 @@ class GroupCoordinator:
             return x.clone()
         return self._comm(x).all_to_all(x.contiguous(), recvs, sends)
 
+    @_transport_errors
     def gather(self, x: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """Concatenate every rank's `x` along `dim` on rank `dst`; None on the other ranks."""
         _check_tensor(x, "x", self.name)
@@ -400,6 +452,7 @@ class GroupCoordinator:
             return x
         return self._comm(x).gather(x.contiguous(), dst, dim)
 
+    @_transport_errors
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `x` on every rank with rank `src`'s `x` (in place; returns `x`)."""
         _check_tensor(x, "x", self.name)
@@ -410,6 +463,7 @@ class GroupCoordinator:
             raise ValueError(f"{self.name}: broadcast writes in place and needs a contiguous x")
         return self._comm(x).broadcast(x, src)
 
+    @_transport_errors
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank `src`'s picklable `obj` on every rank."""
         self._check_rank(src, "src")
@@ -419,6 +473,7 @@ class GroupCoordinator:
         dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
         return box[0]
 
+    @_transport_errors
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, in rank order."""
         if self.world_size == 1:
@@ -427,6 +482,7 @@ class GroupCoordinator:
         dist.all_gather_object(out, obj, group=self.cpu_group)
         return out
 
+    @_transport_errors
     def broadcast_tensor_dict(
         self, tensor_dict: dict[str, Any] | None = None, src: int = 0
     ) -> dict[str, Any]:
@@ -450,6 +506,7 @@ class GroupCoordinator:
                 self._comm(t).broadcast(t, src)
         return tensor_dict
 
+    @_transport_errors
     def send_tensor_dict(self, tensor_dict: dict[str, Any], dst: int) -> None:
         """Send a dict (like `broadcast_tensor_dict`) to `dst`; it calls `recv_tensor_dict`."""
         self._check_peer(dst, "dst")
@@ -460,6 +517,7 @@ class GroupCoordinator:
             if part:
                 self._comm(part[0]).send_tensor_list(part, dst)
 
+    @_transport_errors
     def recv_tensor_dict(self, src: int) -> dict[str, Any]:
         """Receive the dict rank `src` sent with `send_tensor_dict`."""
         self._check_peer(src, "src")
@@ -472,12 +530,14 @@ class GroupCoordinator:
                 self._comm(part[0]).recv_tensor_list_into(part, src)
         return out
 
+    @_transport_errors
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Send contiguous `x` to rank `dst`, which calls `recv(x.shape, x.dtype, src)`."""
         _check_tensor(x, "x", self.name)
         self._check_peer(dst, "dst")
         self._comm(x).send(x.contiguous(), dst)
 
+    @_transport_errors
     def recv(
         self, size: Sequence[int], dtype: torch.dtype, src: int, device: str = "cpu"
     ) -> torch.Tensor:
@@ -490,6 +550,7 @@ class GroupCoordinator:
         self._check_alive()
         return comm.recv(tuple(size), dtype, src)
 
+    @_transport_errors
     def recv_into(self, out: torch.Tensor, src: int) -> torch.Tensor:
         """Receive what rank `src` sent with `send` straight into `out` (contiguous, the sent
         shape and dtype, on this rank's CPU or device); returns `out`."""
@@ -500,6 +561,7 @@ class GroupCoordinator:
         self._comm(out).recv_tensor_list_into([out], src)
         return out
 
+    @_transport_errors
     def barrier(self) -> None:
         """Wait until every rank of the group reaches this point."""
         if self.world_size > 1:
