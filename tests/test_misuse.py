@@ -210,3 +210,41 @@ def test_stalled_peer_over_gloo_times_out_in_the_groups_terms(name):
     assert "unreachable, dead or stalled past the group's timeout (2 s)" in message, message
     assert elapsed < LIMIT_S, elapsed
     assert "is unusable" in after and "stalled past" in after and after_s < 1.0, after
+
+
+def _different_managers(info, names, use_shm):
+    """Rank r builds `names[r]`; then each rank tries a dispatch with what it built."""
+    group = GroupCoordinator([list(range(info.world_size))], "ep_mixed", use_shm=use_shm)
+    start = time.monotonic()
+    try:
+        mgr = build_manager(names[info.rank], group)
+    except Exception as exc:  # noqa: BLE001 - checked in the parent
+        outcome = (type(exc).__name__, str(exc), time.monotonic() - start)
+    else:
+        outcome = ("built", "", time.monotonic() - start)
+        mgr.destroy()
+    # The group itself is still usable: a manager every rank builds works on it.
+    experts = make_scaling_experts(E, H, seed=1)
+    first = placement_ranges(E, info.world_size)[info.rank].start
+    mgr = build_manager("naive", group)
+    x, w, ids = _inputs(info.rank, info.world_size, 3)
+    res = mgr.dispatch(x, w, ids, num_experts=E)
+    y = mgr.combine(apply_experts(res, lambda e, rows: experts[first + e](rows)), res)
+    group.destroy()
+    return (*outcome, torch.allclose(y, reference_moe(x, w, ids, experts), atol=1e-5))
+
+
+@pytest.mark.parametrize("names, use_shm", [
+    (("naive", "alltoallv"), False),  # over gloo mismatched collectives used to abort
+    (("alltoallv", "allgather_reducescatter"), True),
+    (("shm", "alltoallv"), True),
+    (("naive", "shm"), True),
+])
+def test_ranks_that_build_different_managers_all_raise(dist_pool, names, use_shm):
+    """Issue 9, defect 3: no abort, no hang; every rank's error lists every rank's manager."""
+    for exc_type, message, elapsed, group_ok in dist_pool(2).run(
+            _different_managers, names, use_shm, timeout=120):
+        assert exc_type == "CallMismatchError", (exc_type, message)
+        assert f"rank 0: {names[0]} " in message and f"rank 1: {names[1]} " in message, message
+        assert elapsed < LIMIT_S, elapsed
+        assert group_ok
