@@ -218,3 +218,17 @@ def _gpu_sums(info) -> list[str]:
 def test_gpu_eager_and_graph_sums_are_exact(dist_pool, world_size):
     for done in dist_pool(world_size).run(_gpu_sums, timeout=300):
         assert "graph" in done and len(done) >= 10, done
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without CUDA")
+def test_benchmark_says_why_it_skips_without_cuda(capsys):
+    """bench/bench_custom_all_reduce.py, as bench/gpu_checks.sh runs it, exits 0 with its
+    reason where there is no GPU (CI), instead of failing inside a rank."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_custom_all_reduce.py"
+    spec = importlib.util.spec_from_file_location("bench_custom_all_reduce", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--world-size", "2"]) == 0
+    assert "skipped: CUDA is not available" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a world size the kernels are not built for
+        bench.main(["--world-size", "3"])
