@@ -21,6 +21,7 @@ from moe_ep.managers import (
     apply_experts,
     build_manager,
 )
+from moe_ep.testing import run_distributed
 from moe_ep.testing.reference import make_scaling_experts, reference_moe
 from moe_ep.testing.scenarios import PORTABLE_MANAGERS, global_inputs, placement_ranges
 
@@ -201,8 +202,7 @@ def _stalled_peer(info, name):
 
 @pytest.mark.parametrize("name", ["naive", "alltoallv"])
 def test_stalled_peer_over_gloo_times_out_in_the_groups_terms(name):
-    from moe_ep.testing import run_distributed
-
+    # Fresh processes: the stalled rank's world must not be reused by later tests.
     exc_type, message, elapsed, cause, after, after_s = run_distributed(
         2, _stalled_peer, name, timeout=120)[0]
     assert exc_type == cause, (exc_type, cause, message)  # gloo's own type, chained
@@ -213,7 +213,8 @@ def test_stalled_peer_over_gloo_times_out_in_the_groups_terms(name):
 
 
 def _different_managers(info, names, use_shm):
-    """Rank r builds `names[r]`; then each rank tries a dispatch with what it built."""
+    """Rank r builds `names[r]` (every rank must raise); then a manager that every rank builds
+    must still work on the same group."""
     group = GroupCoordinator([list(range(info.world_size))], "ep_mixed", use_shm=use_shm)
     start = time.monotonic()
     try:
