@@ -45,6 +45,8 @@ import torch.distributed as dist
 from moe_ep.distributed import GroupCoordinator
 from moe_ep.testing import DistributedPool
 
+import deepspeed_peer  # bench/deepspeed_peer.py, beside this script
+
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -101,32 +103,6 @@ def deepspeed_reason() -> str:
     return ""
 
 
-def _deepspeed(world: int):
-    # DeepSpeed's CPU shm op sizes itself from LOCAL_SIZE (it segfaults without it) and names
-    # its segment after MASTER_ADDR / MASTER_PORT: a fresh port-like number per run, since it
-    # never unlinks its segments.
-    os.environ["LOCAL_SIZE"] = str(world)
-    os.environ["LOCAL_RANK"] = str(dist.get_rank())
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    port = torch.randint(20000, 60000, (1,)) if dist.get_rank() == 0 else torch.zeros(1).long()
-    dist.broadcast(port, src=0)
-    os.environ["MASTER_PORT"] = str(int(port))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.comm as dcomm
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    return dcomm
-
-
-def _unlink_deepspeed_segments() -> None:
-    suffix = f"_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{dist.get_rank()}"
-    for name in os.listdir("/dev/shm"):
-        if name.startswith("deepspeed_allreduce_buffer_") and name.endswith(suffix):
-            os.unlink(os.path.join("/dev/shm", name))
-
-
 # -------------------------------------------------------------------------- rank side
 def _iters(fn: Callable[[], object], rep_seconds: float) -> int:
     for _ in range(3):
@@ -143,7 +119,7 @@ def _worker(info, sizes, rep_seconds, reps, vllm_path, use_deepspeed) -> dict:
     W, r = info.world_size, info.rank
     group = GroupCoordinator([list(range(W))], "bench")
     h = _vllm_handle(vllm_path, W, r) if vllm_path else None
-    dcomm = _deepspeed(W) if use_deepspeed else None
+    dcomm = deepspeed_peer.init_deepspeed(W) if use_deepspeed else None
     cases: dict[tuple[str, int, str], Callable[[], object]] = {}
     try:
         for size in sizes:
@@ -196,7 +172,7 @@ def _worker(info, sizes, rep_seconds, reps, vllm_path, use_deepspeed) -> dict:
         group.destroy()
         if dcomm is not None:
             dist.barrier()
-            _unlink_deepspeed_segments()
+            deepspeed_peer.unlink_segments()
 
 
 # ------------------------------------------------------------------------------ driver

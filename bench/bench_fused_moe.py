@@ -40,9 +40,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moe_ep.testing import run_distributed
+
+import deepspeed_peer  # bench/deepspeed_peer.py, beside this script
 
 MANAGERS = ("naive", "allgather_reducescatter", "alltoallv", "shm")
 GLOO_MANAGERS = ("naive", "allgather_reducescatter", "alltoallv")  # shm needs shared memory
@@ -158,11 +161,7 @@ def _worker(info, args):
     rows = []
     deepspeed_moe = None
     if args["deepspeed"]:
-        # deepspeed.comm's shm op segfaults without LOCAL_SIZE (REFERENCE.md).
-        os.environ.setdefault("LOCAL_SIZE", str(world))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed_peer.init_deepspeed(world)
         from deepspeed.moe.layer import MoE as deepspeed_moe
     try:
         for inter in args["inter"]:
@@ -222,6 +221,9 @@ def _worker(info, args):
     finally:
         shm_group.destroy()
         gloo_group.destroy()
+        if deepspeed_moe is not None:
+            dist.barrier()
+            deepspeed_peer.unlink_segments()
     return rows if info.rank == 0 else None
 
 
