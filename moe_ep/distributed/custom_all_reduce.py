@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import logging
 from collections.abc import Iterator
 from functools import lru_cache
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from moe_ep.distributed.topology import nvlink_all_connected
+from moe_ep.native_library import load_library
 
 logger = logging.getLogger(__name__)
 
@@ -122,16 +122,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     """The native library and "", or None and why it cannot be used here."""
     if not torch.cuda.is_available():
         return None, "CUDA is not available"
-    spec = importlib.util.find_spec("moe_ep._custom_ar")
-    if spec is None or spec.origin is None:
-        return None, (
-            "the CUDA library moe_ep._custom_ar is not built (it needs nvcc and a CUDA build of "
-            "torch at install time; reinstall with `pip install --no-build-isolation .`)"
-        )
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError as e:
-        return None, f"cannot load {spec.origin}: {e}"
     i64, i32, cp = ctypes.c_int64, ctypes.c_int, ctypes.c_char_p
     p64 = ctypes.POINTER(ctypes.c_int64)
     sigs = {
@@ -149,13 +139,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "register_graph_buffers": (i32, [i64, cp, p64, i64]),
         "all_reduce": (i32, [i64, i64, i64, i64, i32, i64, i64, i64]),
     }
-    try:
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-    except AttributeError as e:
-        return None, f"{spec.origin} is stale ({e}); rebuild the package"
-    return lib, ""
+    return load_library("moe_ep._custom_ar", sigs, not_built=(
+        "the CUDA library moe_ep._custom_ar is not built (it needs nvcc and a CUDA build of "
+        "torch at install time; reinstall with `pip install --no-build-isolation .`)"
+    ))
 
 
 def library_unavailable_reason() -> str:

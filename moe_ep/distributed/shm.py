@@ -27,7 +27,6 @@ from __future__ import annotations
 import array
 import atexit
 import ctypes
-import importlib.util
 import math
 import mmap
 import os
@@ -42,6 +41,8 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+
+from moe_ep.native_library import load_library
 
 __all__ = [
     "CARRIED_DTYPES",
@@ -136,26 +137,11 @@ class _Options(ctypes.Structure):
     ]
 
 
-def _native_path() -> str | None:
-    spec = importlib.util.find_spec("moe_ep._shm_native")
-    return spec.origin if spec is not None else None
-
-
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The native library and "" or None and why it cannot be used."""
     if not sys.platform.startswith("linux"):
         return None, f"shared-memory collectives need Linux (this is {sys.platform})"
-    path = _native_path()
-    if path is None:
-        return None, (
-            "the native library moe_ep._shm_native is not built (no C compiler at install "
-            "time?); reinstall with `pip install -e .` or `pip install .`"
-        )
-    try:
-        lib = ctypes.CDLL(path)
-    except OSError as e:
-        return None, f"cannot load {path}: {e}"
     vp, u64, i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int
     sigs = {
         "shm_abi_version": (ctypes.c_uint32, []),
@@ -197,14 +183,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_recv_begin": (i32, [vp, i32, vp, vp]),
         "shm_recv_bytes": (i32, [vp, i32, vp, u64]),
     }
-    try:
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-    except AttributeError as e:
-        return None, f"{path} is stale or foreign ({e}); reinstall the package"
+    lib, why = load_library("moe_ep._shm_native", sigs, not_built=(
+        "the native library moe_ep._shm_native is not built (no C compiler at install "
+        "time?); reinstall with `pip install -e .` or `pip install .`"
+    ))
+    if lib is None:
+        return None, why
     if lib.shm_abi_version() != _ABI_VERSION:
-        return None, f"{path} has ABI {lib.shm_abi_version()}, expected {_ABI_VERSION}; reinstall"
+        return None, (f"{lib._name} has ABI {lib.shm_abi_version()}, expected {_ABI_VERSION}; "
+                      "reinstall")
     if not os.path.isdir("/dev/shm"):
         return None, "/dev/shm is missing"
     lib.shm_set_interrupt_check(ctypes.cast(_INTERRUPT_CHECK, ctypes.c_void_p))

@@ -101,8 +101,9 @@ class _Architecture:
             modules and in per-expert checkpoints (``experts.{e}.{name}.weight``).
         shared: attribute of the block's shared-expert MLP, or None.
         shared_gate: attribute of the block's shared-expert gate (Linear H -> 1), or None.
-        checkpoint_renames: (old, new) substrings that map per-expert checkpoint keys to
-            transformers 5.x module paths (Mixtral's 4.x ``block_sparse_moe``).
+        checkpoint_renames: (old, new) substrings that map checkpoint keys to the module
+            paths of the converted model (Mixtral's 4.x ``block_sparse_moe``; Qwen2-MoE's
+            ``shared_expert``, which the EP block calls ``shared_experts``).
         legacy_tuple: whether the 4.x block (per-expert ``nn.ModuleList``) returned
             ``(hidden_states, router_logits)``.
     """
@@ -138,6 +139,7 @@ SUPPORTED: Mapping[str, _Architecture] = {
         "Qwen2MoeSparseMoeBlock", "num_experts", "moe_intermediate_size",
         {"scoring": "softmax", "renormalize": _FromConfig("norm_topk_prob")}, _QWEN_MLP,
         shared="shared_expert", shared_gate="shared_expert_gate",
+        checkpoint_renames=((".shared_expert.", ".shared_experts."),),
     ),
     "qwen3_moe": _Architecture(
         "Qwen3MoeSparseMoeBlock", "num_experts", "moe_intermediate_size",
@@ -476,15 +478,6 @@ def _expert_tensors(ckpt: _Checkpoint, prefix: str, ep: ExpertParallelMoE,
     return "per_expert", torch.stack(w13), torch.stack(w2)
 
 
-def _checkpoint_key(model_key: str, blocks: Mapping[str, _Architecture]) -> str:
-    """The 5.x checkpoint key of a model tensor: EP blocks call their shared MLP
-    ``shared_experts``, Qwen2-MoE's checkpoints ``shared_expert``."""
-    for block, arch in blocks.items():
-        if model_key.startswith(block + ".shared_experts.") and arch.shared:
-            return f"{block}.{arch.shared}.{model_key[len(block) + len('.shared_experts.'):]}"
-    return model_key
-
-
 def _load_checkpoint(model: nn.Module, directory: Path, arch: _Architecture,
                      device: torch.device) -> LoadReport:
     """Fill ``model``'s meta parameters and its persistent buffers from ``directory``.
@@ -510,7 +503,6 @@ def _load_checkpoint(model: nn.Module, directory: Path, arch: _Architecture,
                                      f"{tuple(meta.shape)}")
                 loaded[id(meta)] = value
                 local_expert_bytes += value.numel() * value.element_size()
-        ep_blocks = dict.fromkeys(blocks, arch)
         missing = []
         # Every parameter (all on meta) and every persistent buffer: those computed at
         # construction (real) are still overwritten by the checkpoint's value when it has one
@@ -531,9 +523,8 @@ def _load_checkpoint(model: nn.Module, directory: Path, arch: _Architecture,
         for _, _, _, t, key in slots:
             if id(t) in loaded:
                 continue
-            source = _checkpoint_key(key, ep_blocks)
-            if source in ckpt:
-                loaded[id(t)] = ckpt.read(source)
+            if key in ckpt:
+                loaded[id(t)] = ckpt.read(key)
         for module, attr, is_param, t, key in slots:
             value = loaded.get(id(t))
             if value is None:

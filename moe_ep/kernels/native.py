@@ -10,11 +10,12 @@ hot path allocates nothing).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from moe_ep.native_library import load_library
 
 __all__ = [
     "DispatchPlan",
@@ -52,18 +53,8 @@ class KernelError(ValueError):
 
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    spec = importlib.util.find_spec("moe_ep._kernels_native")
-    if spec is None or spec.origin is None:
-        return None, (
-            "the native kernels moe_ep._kernels_native are not built (no C compiler at install "
-            "time?); reinstall with `pip install -e .`"
-        )
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError as e:
-        return None, f"cannot load {spec.origin}: {e}"
     vp, u64, i64, i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
-    sigs = {
+    lib, why = load_library("moe_ep._kernels_native", {
         "moe_kernels_abi": (ctypes.c_uint32, []),
         "moe_plan_dispatch": (i32, [vp, vp, i64, i64, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp]),
         "moe_packed_layout": (i32, [vp, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
@@ -71,16 +62,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "moe_segment_sum": (i32, [i32, vp, u64, u64, vp, vp, u64, vp, vp, u64, u64, vp]),
         "moe_gather_sum": (i32, [i32, vp, u64, i64, vp, vp, vp, u64, vp]),
         "moe_gather_rows": (i32, [vp, vp, vp, u64, u64, u64, vp]),
-    }
-    try:
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-    except AttributeError as e:
-        return None, f"{spec.origin} is stale ({e}); reinstall the package"
-    if lib.moe_kernels_abi() != _ABI:
-        return None, f"{spec.origin} has ABI {lib.moe_kernels_abi()}, expected {_ABI}; reinstall"
-    return lib, ""
+    }, not_built=(
+        "the native kernels moe_ep._kernels_native are not built (no C compiler at install "
+        "time?); reinstall with `pip install -e .`"
+    ))
+    if lib is not None and lib.moe_kernels_abi() != _ABI:
+        return None, f"{lib._name} has ABI {lib.moe_kernels_abi()}, expected {_ABI}; reinstall"
+    return lib, why
 
 
 def available() -> tuple[bool, str]:
