@@ -208,6 +208,41 @@ def test_experts_kernel_swaps_without_touching_communication(dist_pool):
         assert calls == [Layout.EXPERT_PACKED]
 
 
+def _kernel_raises_on_one_rank(info):
+    import time
+
+    from moe_ep.distributed import initialize_model_parallel
+    from moe_ep.managers import RemoteInputError, build_manager
+
+    def kernel(result, w13, w2, *, activation, out_dtype, quant):
+        raise ArithmeticError("kernel blew up")
+
+    mgr = build_manager("alltoallv", initialize_model_parallel().ep)
+    try:
+        layer = FusedMoE(6, 2, H, I, mgr)
+        if info.rank == 1:
+            layer.experts_kernel = kernel
+        start = time.monotonic()
+        try:
+            layer(_tokens(info.rank, torch.float32))
+            return ("none", None, 0.0)
+        except RemoteInputError as e:
+            return ("remote", e.bad_ranks, time.monotonic() - start)
+        except ArithmeticError as e:
+            return ("local", str(e), time.monotonic() - start)
+    finally:
+        mgr.destroy()
+
+
+def test_failing_experts_kernel_fails_every_rank_promptly(dist_pool):
+    """A swapped-in kernel that raises on one rank: that rank raises its error, the other the
+    RemoteInputError naming it, instead of waiting in combine for the group's timeout."""
+    remote, local = dist_pool(2).run(_kernel_raises_on_one_rank, timeout=60)
+    assert local[:2] == ("local", "kernel blew up"), local
+    assert remote[:2] == ("remote", (1,)), remote
+    assert max(local[2], remote[2]) < 10, (local, remote)
+
+
 # ----------------------------------------------------------------------------------- FP8
 
 

@@ -34,6 +34,7 @@ from moe_ep.layer.experts import ACTIVATIONS, ExpertsKernel, fused_experts
 from moe_ep.layer.quant import DispatchQuant
 from moe_ep.layer.router import RoutingConfig
 from moe_ep.managers import All2AllManager, DispatchResult, EPHandle, EPSpec, expert_placement
+from moe_ep.managers.expert_ops import fail_together
 
 __all__ = ["FusedMoE", "Router"]
 
@@ -296,11 +297,12 @@ class FusedMoE(nn.Module):
 
     @torch.no_grad()
     def compute_experts(self, result: DispatchResult) -> torch.Tensor:
-        """The local experts on ``result``: the expert output ``finalize`` expects. Local."""
-        return self.experts_kernel(
+        """The local experts on ``result``: the expert output ``finalize`` expects. Local;
+        if the kernel raises, the other ranks' combine fails too (they are not left waiting)."""
+        return fail_together(result, lambda: self.experts_kernel(
             result, self.w13, self.w2, activation=self.activation,
             out_dtype=self.handle.spec.combine_dtype, quant=self.quant,
-        )
+        ))
 
     @torch.no_grad()
     def finalize(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:

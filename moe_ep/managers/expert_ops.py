@@ -14,8 +14,8 @@ import torch
 from moe_ep import kernels
 from moe_ep.managers.contract import CombineState, DispatchResult, Layout
 
-__all__ = ["ExpertFn", "apply_experts", "gather_sum", "gather_sum_torch", "segment_sum",
-           "segment_sum_torch", "weighted_row_sum"]
+__all__ = ["ExpertFn", "apply_experts", "fail_together", "gather_sum", "gather_sum_torch",
+           "segment_sum", "segment_sum_torch", "weighted_row_sum"]
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -161,8 +161,16 @@ def apply_experts(result: DispatchResult, fn: ExpertFn) -> torch.Tensor:
         raise TypeError(f"result must be a DispatchResult, got {type(result).__name__}")
     if not callable(fn):
         raise TypeError(f"fn must be callable as fn(local_expert, rows), got {type(fn).__name__}")
+    return fail_together(result, lambda: _apply(result, fn))
+
+
+def fail_together(result: DispatchResult, experts_step: Callable[[], torch.Tensor]
+                  ) -> torch.Tensor:
+    """Run `experts_step()`, the experts step on `result` (any kernel); if it raises, the
+    combine the other ranks are waiting in fails on every rank (`All2AllManager.abort`: they
+    raise `RemoteInputError` naming this rank), then the error is re-raised here."""
     try:
-        return _apply(result, fn)
+        return experts_step()
     except Exception as exc:
         state = result.handle
         if isinstance(state, CombineState):
