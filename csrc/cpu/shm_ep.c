@@ -380,10 +380,6 @@ int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
   return 0;
 }
 
-int shm_ep_combine_done(shm_ep *ep, int slot) {
-  return usable_slot(ep, slot) ? 0 : -1; /* publishes what is pending */
-}
-
 int shm_ep_agree(shm_ep *ep, uint64_t call, uint64_t seq, const int64_t *mine, int words,
                  int64_t *out) {
   shm_handle *h = ep->h;

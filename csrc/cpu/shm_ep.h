@@ -24,8 +24,8 @@
  * Combine seq q: copy the expert outputs of the other sources' rows into out (unless the caller
  * computed them there), publish cerr[b] and OUT = q + 1, wait for every peer's; the caller then
  * sums its tokens from every owner's out. DONE = q + 1 is published by this rank's next call on
- * the handle (or shm_ep_combine_done): only a peer's dispatch q + 2 waits for it, and that needs
- * this rank's next call anyway; it saves a native call per round trip.
+ * the handle: only a peer's dispatch q + 2 waits for it, and that needs this rank's next call
+ * anyway; it saves a native call per round trip.
  *
  * Every rank posts `cur` = (call number, slot, op, seq) when it enters a call, so a waiting rank
  * notices at once when a peer made a different call (skipped a combine, used another handle,
@@ -117,7 +117,6 @@ SHM_API int shm_ep_unregister(shm_ep *ep, int slot);
 SHM_API void *shm_ep_region(shm_ep *ep, int slot, int receiver, int half, int which);
 SHM_API int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a);
 SHM_API int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a);
-SHM_API int shm_ep_combine_done(shm_ep *ep, int slot);
 /* Mark dispatch `seq` finished without a combine (its result was retired or failed). */
 SHM_API int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq);
 /* Tell the peers this rank will make no further call (they fail at once if they wait on it). */

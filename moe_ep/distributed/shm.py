@@ -175,7 +175,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_ep_region": (vp, [vp, i32, i32, i32, i32]),
         "shm_ep_dispatch": (i32, [vp, i32, vp]),
         "shm_ep_combine": (i32, [vp, i32, vp]),
-        "shm_ep_combine_done": (i32, [vp, i32]),
         "shm_ep_retire": (i32, [vp, i32, u64]),
         "shm_ep_post_destroyed": (None, [vp, u64]),
         "shm_ep_agree": (i32, [vp, u64, u64, vp, i32, vp]),

@@ -229,7 +229,6 @@ class ShmExchangeBuffer:
             self._lib.shm_ep_unregister(exchange._ep, slot)
             self._buf.destroy()
             raise
-        self.out_row_bytes = g.out_row_bytes
         # Call arguments and outputs, built once: the hot path only sets a few fields.
         w = self.world_size
         self._dargs, self._cargs = _DispatchArgs(), _CombineArgs()
@@ -294,10 +293,6 @@ class ShmExchangeBuffer:
             raise self._x.fail()
         return REMOTE_ERROR if rc == _REMOTE else a.received
 
-    def recv_counts(self) -> tuple[int, ...]:
-        """Rows the last dispatch received from each source."""
-        return tuple(self._recv)
-
     def peer_errors(self) -> tuple[int, ...]:
         """The error code each rank posted in the last dispatch or combine."""
         return tuple(self._perr)
@@ -313,12 +308,6 @@ class ShmExchangeBuffer:
         if rc < 0:
             raise self._x.fail()
         return REMOTE_ERROR if rc == _REMOTE else 0
-
-    def combine_done(self) -> None:
-        """Say now that this rank has read every owner's outputs of its last combine (its next
-        call on this buffer says it otherwise; see csrc/cpu/shm_ep.h)."""
-        if self._lib.shm_ep_combine_done(self._x._ep, self.slot):
-            raise self._x.fail()
 
     def retire(self, seq: int) -> None:
         """Dispatch `seq` will never be combined (its result was dropped)."""

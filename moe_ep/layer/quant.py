@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_ep.managers.inputs import describe
+
 __all__ = ["FP8_DTYPE", "FP8_MAX", "DispatchQuant", "dequantize", "quantize", "scale_cols"]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -83,7 +85,7 @@ def quantize(
     (S = ceil(H / block_size)). Empty inputs give empty outputs.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor [..., hidden], got {_describe(x)}")
+        raise TypeError(f"x must be a floating tensor [..., hidden], got {describe(x)}")
     if x.dtype == FP8_DTYPE:
         raise TypeError("x is already float8_e4m3fn")
     hidden = int(x.shape[-1])
@@ -108,9 +110,9 @@ def dequantize(
     ``block_size`` must be the one ``xq`` was quantised with (S must match it).
     """
     if not isinstance(xq, torch.Tensor) or xq.dtype != FP8_DTYPE:
-        raise TypeError(f"xq must be a float8_e4m3fn tensor, got {_describe(xq)}")
+        raise TypeError(f"xq must be a float8_e4m3fn tensor, got {describe(xq)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
-        raise TypeError(f"scales must be a float32 tensor, got {_describe(scales)}")
+        raise TypeError(f"scales must be a float32 tensor, got {describe(scales)}")
     hidden = int(xq.shape[-1])
     s = scale_cols(hidden, block_size)
     if tuple(scales.shape) != (*xq.shape[:-1], s):
@@ -138,8 +140,3 @@ def _check_block_size(block_size: object) -> None:
         raise ValueError(f"block_size must be None (per token) or an int >= 1, got "
                          f"{block_size!r}")
 
-
-def _describe(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
-    return type(t).__name__

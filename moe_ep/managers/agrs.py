@@ -101,7 +101,7 @@ class GatherAllManager(GroupExchangeManager):
         sizes = tuple(row[protocol.F_TOKENS] for row in rows)
         wire = pack_rows(checked.x, checked.topk_ids, checked.topk_weights, checked.x_scales)
         # Scales are payload (the activations' other half), ids and weights metadata.
-        payload = checked.x.shape[1] * checked.x.element_size() + 4 * spec.scale_cols
+        payload = spec.row_bytes()
         gathered = self._gather(wire, sizes, payload, counter)
         x_all, ids_all, w_all, scales_all = unpack_rows(
             gathered, spec.hidden, spec.dtype, spec.topk, spec.scale_cols)

@@ -118,7 +118,7 @@ class AllToAllVManager(GroupExchangeManager):
         wire = pack_rows(x, plan.row_ids, plan.row_weights, scales)
         received = self.group.all_to_all_single(wire, output_split_sizes=list(recv),
                                                 input_split_sizes=list(send))
-        payload = x.shape[1] * x.element_size() + 4 * spec.scale_cols
+        payload = spec.row_bytes()
         counter.to_others([n * payload for n in send],
                           [n * (wire.shape[1] - payload) for n in send])
         recv_x, recv_ids, recv_w, recv_scales = unpack_rows(

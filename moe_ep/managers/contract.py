@@ -181,7 +181,7 @@ class EPSpec:
 
     def row_bytes(self) -> int:
         """Bytes of one dispatched row (activations plus scales)."""
-        return self.hidden * torch.empty((), dtype=self.dtype).element_size() + 4 * self.scale_cols
+        return self.hidden * self.dtype.itemsize + 4 * self.scale_cols
 
 
 def _check_int_field(name: str, value: object, minimum: int) -> None:

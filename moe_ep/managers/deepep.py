@@ -200,7 +200,7 @@ class DeepEPHighThroughputManager(_DeepEPManager):
 
     def _check_spec(self, spec: EPSpec) -> None:
         super()._check_spec(spec)
-        elem = torch.empty((), dtype=spec.dtype).element_size()
+        elem = spec.dtype.itemsize
         if spec.hidden * elem % 16:
             raise ValueError(f"manager {self.name!r}: a row of EPSpec.hidden={spec.hidden} "
                              f"{spec.dtype} elements is not a multiple of 16 bytes")
@@ -215,7 +215,7 @@ class DeepEPHighThroughputManager(_DeepEPManager):
         buffer_cls = self.vendor.Buffer
         w = self.world_size
         # The widest row either way: the dispatched x, or the bf16 combine rows.
-        elem = torch.empty((), dtype=spec.dtype).element_size()
+        elem = spec.dtype.itemsize
         row_bytes = spec.hidden * max(elem, 2)
         configs = (buffer_cls.get_dispatch_config(w), buffer_cls.get_combine_config(w))
         nvl = self.options.num_nvl_bytes or max(

@@ -121,7 +121,7 @@ def unpack_rows(rows: torch.Tensor, hidden: int, dtype: torch.dtype, topk: int, 
     ids = _field(rows, 0, k4, torch.int32).long()
     weights = _field(rows, k4, k4, torch.float32)
     scales = _field(rows, 2 * k4, s4, torch.float32) if scale_cols else None
-    x = _field(rows, meta, hidden * torch.empty((), dtype=dtype).element_size(), dtype)
+    x = _field(rows, meta, hidden * dtype.itemsize, dtype)
     return x, ids, weights, scales
 
 
@@ -130,7 +130,7 @@ def _field(rows: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype) -> t
     flattening copies unless the slice is one contiguous run (one row), which then starts at
     an aligned offset by construction of `pack_rows`."""
     m = rows.shape[0]
-    cols = nbytes // torch.empty((), dtype=dtype).element_size()
+    cols = nbytes // dtype.itemsize
     return rows[:, start:start + nbytes].reshape(-1).view(dtype).view(m, cols)
 
 

@@ -221,7 +221,7 @@ class PplxManager(VendorManager):
             raise TypeError(
                 f"manager 'pplx' combines into bfloat16 or float16 only, but the spec's combine "
                 f"dtype is {spec.combine_dtype} (set EPSpec.out_dtype)")
-        row = spec.hidden * torch.empty((), dtype=spec.dtype).element_size()
+        row = spec.hidden * spec.dtype.itemsize
         if row % 16:
             raise ValueError(f"manager 'pplx': a row of EPSpec.hidden={spec.hidden} "
                              f"{spec.dtype} elements is not a multiple of 16 bytes")
@@ -234,7 +234,7 @@ class PplxManager(VendorManager):
                 f"needs a distinct expert, but there are EPSpec.num_experts={spec.num_experts}")
 
     def _make_handle(self, spec: EPSpec, index: int) -> PplxHandle:
-        elem = torch.empty((), dtype=spec.dtype).element_size()
+        elem = spec.dtype.itemsize
         args = dict(max_num_tokens=spec.max_tokens_per_rank, num_experts=spec.num_experts,
                     experts_per_token=spec.topk, rank=self.rank, world_size=self.world_size,
                     dp_size=1, hidden_dim=spec.hidden, hidden_dim_bytes=spec.hidden * elem,

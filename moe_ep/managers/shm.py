@@ -64,9 +64,9 @@ class ShmHandle(EPHandle):
     """A layer's shared buffers and per-half routing plans.
 
     Attributes:
-        buffer: the `ShmExchangeBuffer` (None with one rank); planners: per half b, the
-        `DispatchPlanner` of the dispatch using half b; tokens_per_expert: per half,
-        `[E_local] int64`.
+        buffer: the `ShmExchangeBuffer` (None with one rank; it also holds the received
+        `tokens_per_expert` per half); planners: per half b, the `DispatchPlanner` of the
+        dispatch using half b.
     """
 
     def __init__(self, manager: ShmAll2AllManager, spec: EPSpec, index: int) -> None:
@@ -369,7 +369,7 @@ class ShmAll2AllManager(All2AllManager):
         own = int(handle.planners[state.seq & 1].send_counts[self.rank])
         counter = self._new_counter()
         counter.header_exchange(8)
-        es = torch.empty((), dtype=spec.combine_dtype).element_size()
+        es = spec.combine_dtype.itemsize
         counter.sent((state.received - own) * spec.hidden * es)
         return counter.freeze()
 
