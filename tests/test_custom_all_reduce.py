@@ -136,11 +136,15 @@ def _fallback(info) -> dict:
     same = torch.equal(got, want) and torch.equal(x, torch.arange(1024.0) * (r + 1))
     inplace = comm.all_reduce(x, out=x) is x and torch.equal(x, want)
     gathered = comm.all_gather(torch.full((2, 3), float(r)), 1)
+    sizes = [(k * 2) % 3 for k in range(W)]  # uneven, 0 included
+    gatheredv = comm.all_gatherv(torch.full((sizes[r], 3), float(r)), sizes)
     comm.destroy()
     return {"disabled": ca.disabled, "reason": ca.disabled_reason, "should": ca.should_custom_ar(x),
             "sum": same, "inplace": inplace, "ca": comm.ca_comm,
             "gather": torch.equal(gathered, torch.cat([torch.full((2, 3), float(k))
-                                                       for k in range(W)], 1))}
+                                                       for k in range(W)], 1)),
+            "gatherv": torch.equal(gatheredv, torch.cat([torch.full((n, 3), float(k))
+                                                         for k, n in enumerate(sizes)]))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without CUDA")
@@ -149,7 +153,7 @@ def test_unavailable_custom_allreduce_falls_back_with_correct_sums(dist_pool, wo
     for res in dist_pool(world_size).run(_fallback, timeout=120):
         assert res["disabled"] and "CUDA is not available" in res["reason"]
         assert not res["should"] and res["ca"] is None
-        assert res["sum"] and res["inplace"] and res["gather"]
+        assert res["sum"] and res["inplace"] and res["gather"] and res["gatherv"]
 
 
 # ----------------------------------------------------------------------- GPU

@@ -75,11 +75,20 @@ class CudaCommunicator(TorchDistributedCommunicator):
         dist.reduce_scatter(out, list(x.split(sizes)), group=self.group)
         return out
 
+    def _gather_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """`[W * x.numel()]`: every rank's `x`, flattened, in rank order (one NCCL call)."""
+        flat = x.new_empty((self.world_size * x.numel(),))
+        _all_gather_single(flat, x.reshape(-1), group=self.group)
+        return flat
+
+    def _gather_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Views of one flat gather (NCCL's list form would copy each part out of it).
+        return list(self._gather_flat(x).view(self.world_size, *x.shape).unbind(0))
+
     def all_gather(
         self, x: torch.Tensor, dim: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        flat = x.new_empty((self.world_size * x.numel(),))
-        _all_gather_single(flat, x.reshape(-1), group=self.group)
+        flat = self._gather_flat(x)
         shape = list(x.shape)
         shape[dim] *= self.world_size
         result = flat.view(self.world_size, *x.shape).movedim(0, dim).reshape(shape)

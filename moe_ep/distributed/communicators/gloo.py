@@ -40,9 +40,13 @@ class TorchDistributedCommunicator(DeviceCommunicatorBase):
     def all_gather(
         self, x: torch.Tensor, dim: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return torch.cat(self._gather_parts(x), dim=dim, out=out)
+
+    def _gather_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x`, one tensor per rank (what `dist.all_gather` fills)."""
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=dim, out=out)
+        return parts
 
     def all_gatherv(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         longest = max(sizes)
@@ -50,7 +54,9 @@ class TorchDistributedCommunicator(DeviceCommunicatorBase):
             return x.new_empty(x.shape)
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: x.shape[0]] = x
-        parts = self.all_gather(padded, 0).split(longest)
+        # Trim each rank's padded part straight into the result (one copy, not a cat of all
+        # the padded parts first).
+        parts = self._gather_parts(padded)
         return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     def gather(self, x: torch.Tensor, dst: int, dim: int) -> torch.Tensor | None:
