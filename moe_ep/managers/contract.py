@@ -263,6 +263,9 @@ class DispatchResult:
         handle: the backend's `CombineState` (identity of the dispatch).
     Some backends (`shm`) return views of the handle's buffers: they stay valid until the
     handle's second next dispatch (two live results per handle); `combine` consumes a result.
+    `x` never aliases the caller's input, so the experts step may overwrite it: writing its
+    output into `x` (when it has x's shape and the combine dtype) and passing `x` to
+    `combine` saves a copy (`shm` then moves nothing in the combine's own block).
     """
 
     layout: Layout

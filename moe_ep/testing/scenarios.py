@@ -106,7 +106,9 @@ def decodable_inputs(counts: Sequence[int], num_experts: int, topk: int, seed: i
 
 def contract_cases(group, managers, num_experts_list, topk_list, dtypes, *, hidden: int = 32,
                    use_handles: bool = False, seed: int = 0) -> list[tuple]:
-    """Collective: every case dispatch -> apply_experts(linear) -> combine vs `reference_moe`.
+    """Collective: every case dispatch -> apply_experts(linear) -> combine vs `reference_moe`;
+    every other case writes the expert output over the result's `x` first (which must not
+    alias the input).
 
     With `use_handles` each case first declares an `EPSpec` handle (`max_tokens_per_rank` =
     the largest count of the case) and dispatches through it; else the call without a handle.
@@ -133,14 +135,22 @@ def contract_cases(group, managers, num_experts_list, topk_list, dtypes, *, hidd
                     res = mgr.dispatch(xs[r], ws[r], ids[r], handle=handle)
                 else:
                     res = mgr.dispatch(xs[r], ws[r], ids[r], num_experts=num_experts)
+                if xs[r].numel() and res.x.numel():
+                    assert (res.x.untyped_storage().data_ptr()
+                            != xs[r].untyped_storage().data_ptr()), f"{name}: x aliases the input"
                 out = apply_experts(res, lambda e, rows_, f=first, ex=experts: ex[f + e](rows_))
+                # Every other case writes the expert output over res.x, as the contract allows
+                # (the shm manager's zero-copy combine); the others pass a new tensor.
+                in_place = c % 2 == 1 and out.shape == res.x.shape and out.dtype == res.x.dtype
+                if in_place:
+                    out = res.x.copy_(out)
                 y = mgr.combine(out, res)
                 ref_all = reference_moe(torch.cat(xs), torch.cat(ws), torch.cat(ids), experts)
                 start = sum(counts[:r])
                 ref = ref_all[start : start + counts[r]]
                 err = (y.float() - ref.float()).abs().max().item() if y.numel() else 0.0
                 scale = ref_all.float().abs().max().item() if ref_all.numel() else 0.0
-                how = "handle" if use_handles else "no handle"
+                how = ("handle" if use_handles else "no handle") + (", in place" * in_place)
                 rows.append((
                     f"{name}{options} ({how}) E={num_experts} K={topk} {dtype} counts={counts}",
                     tuple(y.shape) == tuple(xs[r].shape) and y.dtype == dtype,
