@@ -414,6 +414,10 @@ def test_expert_placement_contiguous(num_experts, world):
         assert all(p.to_local(ids, s)[0, e + 1].item() == -1 for s in others)
     assert p.owner_cpu.tolist() == owners[1:]
     assert p.local_index_cpu.tolist() == [e - want[q].start for e, q in enumerate(owners[1:])]
+    assert torch.equal(p.local_table("cpu"), p.local_index_cpu)
+    # One shared placement per shape: managers ask for it on every call.
+    assert expert_placement(num_experts, world) is p
+    assert p.owner_table("cpu") is p.owner_table(torch.device("cpu"))
 
 
 def test_expert_placement_rejects_bad_arguments():
@@ -421,6 +425,10 @@ def test_expert_placement_rejects_bad_arguments():
         expert_placement(0, 2)
     with pytest.raises(TypeError, match="ep_size must be an int"):
         expert_placement(4, 2.0)
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        expert_placement(True, 2)
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        expert_placement([4], 2)
 
 
 def _manual_result(layout: Layout) -> tuple[DispatchResult, torch.Tensor]:

@@ -82,18 +82,26 @@ class AllToAllVManager(GroupExchangeManager):
     layout: ClassVar[Layout] = Layout.EXPERT_PACKED
     options_cls: ClassVar[type] = AllToAllVOptions
 
+    def checks_ids_in_python(self, x: object) -> bool:
+        # The native planner validates the ids in its pass (CPU, deduplicated rows).
+        return not (self.options.dedup and isinstance(x, torch.Tensor) and planning.native(x))
+
     def _plan(self, handle: EPHandle, checked: CheckedInputs):
         placement = expert_placement(handle.spec.num_experts, self.world_size)
         ids, weights = checked.topk_ids, checked.topk_weights
+        w = self.world_size
+        if self.options.dedup and planning.native(ids):
+            # One C pass plans and checks the ids; the rows per destination come with it,
+            # the (token, expert) pairs per destination are one bincount.
+            plan = planning.plan(ids, weights, placement)
+            pairs = torch.bincount(placement.owner_cpu[ids[ids >= 0]], minlength=w)
+            return plan, tuple(plan.send_counts.tolist() + pairs.tolist())
         # The split sizes must reach the host (all_to_all_single takes them there): one
         # synchronisation for rows and pairs together, and none after it.
         counts = tuple(planning.send_counts(ids, placement).tolist())
-        w = self.world_size
         if not self.options.dedup:
             counts = counts[w:] + counts[w:]  # one row per pair
             plan = planning.plan_dispatch_pairs(ids, weights, placement, sum(counts[:w]))
-        elif planning.native(ids):
-            plan = planning.plan(ids, weights, placement)
         else:
             plan = planning.plan_dispatch(ids, weights, placement, total_rows=sum(counts[:w]))
         return plan, counts

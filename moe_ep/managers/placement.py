@@ -8,7 +8,7 @@ own none when E < W.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -30,13 +30,13 @@ class ExpertPlacement:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
-    @property
+    @cached_property
     def counts(self) -> tuple[int, ...]:
         """Number of experts per rank, `[W]`."""
         base, extra = divmod(self.num_experts, self.ep_size)
         return tuple(base + (r < extra) for r in range(self.ep_size))
 
-    @property
+    @cached_property
     def starts(self) -> tuple[int, ...]:
         """First global expert id of each rank, `[W]`."""
         base, extra = divmod(self.num_experts, self.ep_size)
@@ -75,8 +75,23 @@ class ExpertPlacement:
         return torch.arange(self.num_experts) - torch.tensor(self.starts)[self.owner_cpu]
 
     def owner_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """`[E] int64`: the rank owning each global expert."""
-        return self.owner_cpu.to(device)
+        """`owner_cpu` on `device` (copied there once; shared: read it, never write it)."""
+        return self._on(device, "owner_cpu")
+
+    def local_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`local_index_cpu` on `device` (copied there once; shared: read it, never write it)."""
+        return self._on(device, "local_index_cpu")
+
+    def _on(self, device: torch.device | str, name: str) -> torch.Tensor:
+        key = (str(device), name)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = getattr(self, name).to(device)
+        return table
+
+    @cached_property
+    def _device_tables(self) -> dict[tuple[str, str], torch.Tensor]:
+        return {}
 
     def owners(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Owner rank of each id (same shape, int64), -1 where the id is -1."""
@@ -93,5 +108,14 @@ class ExpertPlacement:
 
 
 def expert_placement(num_experts: int, ep_size: int) -> ExpertPlacement:
-    """Return the contiguous placement of `num_experts` experts on `ep_size` ranks."""
+    """Return the contiguous placement of `num_experts` experts on `ep_size` ranks: one
+    shared object per `(num_experts, ep_size)`, so that managers asking for it on every call
+    build its tables once."""
+    if type(num_experts) is int and type(ep_size) is int:
+        return _shared_placement(num_experts, ep_size)
+    return ExpertPlacement(num_experts, ep_size)  # raises the argument's TypeError
+
+
+@lru_cache(maxsize=256)
+def _shared_placement(num_experts: int, ep_size: int) -> ExpertPlacement:
     return ExpertPlacement(num_experts, ep_size)

@@ -58,7 +58,7 @@ def plan_dispatch(
     `[S, K]`, token_rows `[N, W]`).
     """
     device = topk_ids.device
-    local = placement.local_index_cpu.to(device)
+    local = placement.local_table(device)
     e = topk_ids.clamp(min=0)
     dst, hit = _destinations(topk_ids, placement)
     send_counts = hit.sum(dim=0)
@@ -163,7 +163,7 @@ def plan_dispatch_pairs(
     s = pair_token.numel()
     rows = torch.arange(s, device=device)
     row_ids = torch.full((s, k), -1, dtype=torch.int64, device=device)
-    row_ids[rows, pair_slot] = placement.local_index_cpu.to(device)[expert]
+    row_ids[rows, pair_slot] = placement.local_table(device)[expert]
     row_weights = torch.zeros((s, k), dtype=torch.float32, device=device)
     row_weights[rows, pair_slot] = topk_weights[pair_token, pair_slot]
     token_rows = torch.full((n, k), -1, dtype=torch.int64, device=device)
