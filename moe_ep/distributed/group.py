@@ -273,7 +273,7 @@ class GroupCoordinator:
     def _comm(self, x: torch.Tensor) -> DeviceCommunicatorBase:
         """The communicator for `x`'s device (picked at construction)."""
         self._check_alive()
-        return self._cpu_comm if x.device.type == "cpu" else self._device_comm
+        return self._cpu_comm if x.is_cpu else self._device_comm
 
     def _check_rank(self, value: int, arg: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -308,7 +308,7 @@ class GroupCoordinator:
         the sum; `x` is never modified otherwise.
         """
         _check_tensor(x, "x", self.name)
-        if out is not None:
+        if out is not None and out is not x:  # (in place needs no check: the hot decode call)
             _check_out(out, x, tuple(x.shape), self.name)
         if self.world_size == 1:
             return x if out is None or out is x else out.copy_(x)

@@ -359,7 +359,7 @@ def shm_send_tensor_list(handle: int, tensors: Sequence[torch.Tensor], dst: int)
     tensors = [t.contiguous() for t in tensors]
     meta = array.array("q", [len(tensors)])
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in _DTYPE_CODE:
+        if not t.is_cpu or t.dtype not in _DTYPE_CODE:
             raise TypeError(f"shm_send_tensor_list: cannot send {t.dtype} tensor on {t.device}")
         meta.extend([_DTYPE_CODE[t.dtype], t.dim(), *t.shape])
     raw = meta.tobytes()
@@ -400,7 +400,7 @@ def _recv_tensor_list(
     else:
         out = list(into)
         if [(t.dtype, tuple(t.shape)) for t in out] != specs or not all(
-            t.device.type == "cpu" and t.is_contiguous() for t in out
+            t.is_cpu and t.is_contiguous() for t in out
         ):
             _abort(handle, f"shm_recv_tensor_list: rank {src} sent {specs}, the receiver "
                            f"expected {[(t.dtype, tuple(t.shape)) for t in out]} (contiguous CPU)")
@@ -772,7 +772,7 @@ class ShmCommunicator:
             raise ValueError(f"row_ids must hold {self.world_size} tensors, got {len(row_ids)}")
         for i, r in enumerate(row_ids):
             if not isinstance(r, torch.Tensor) or r.dtype != torch.int64 or r.dim() != 1 or (
-                not r.is_contiguous() or r.device.type != "cpu"
+                not r.is_contiguous() or not r.is_cpu
             ):
                 raise ValueError(f"row_ids[{i}] must be a contiguous 1-D int64 CPU tensor")
         head_ptrs = head_bytes = None
@@ -962,7 +962,7 @@ def _check_int(value, arg: str, lo: int, hi: int) -> None:
 def _check_cpu_contiguous(x, arg: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
+    if not x.is_cpu:  # (.is_cpu: a tenth of the cost of building x.device)
         raise ValueError(f"{arg} must be a CPU tensor, got one on {x.device}")
     if not x.is_contiguous():
         raise ValueError(f"{arg} must be contiguous")

@@ -87,7 +87,7 @@ def _lib() -> ctypes.CDLL:
 def _check(t: object, name: str, dtype: torch.dtype, dim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu" or not t.is_contiguous():
+    if not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous CPU tensor (device {t.device})")
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
@@ -329,7 +329,7 @@ def segment_sum(
     an empty segment are 0.
     """
     code = _float_code(src, "src")
-    if src.dim() != 2 or not src.is_contiguous() or src.device.type != "cpu":
+    if src.dim() != 2 or not src.is_contiguous() or not src.is_cpu:
         raise ValueError(f"src must be a contiguous CPU [rows, hidden] tensor, got "
                          f"{tuple(src.shape)} on {src.device}")
     _check(rows, "rows", torch.int64, 1)
@@ -343,7 +343,7 @@ def segment_sum(
     nseg, hidden = offsets.numel() - 1, src.shape[1]
     if out is None:
         out = src.new_empty((nseg, hidden))
-    elif (out.dtype != src.dtype or out.device.type != "cpu" or out.dim() != 2
+    elif (out.dtype != src.dtype or not out.is_cpu or out.dim() != 2
           or tuple(out.shape) != (nseg, hidden) or (nseg and out.stride(1) != 1)):
         raise ValueError(f"out must be a CPU {src.dtype} [{nseg}, {hidden}] tensor with "
                          f"contiguous rows, got {out.dtype} {tuple(out.shape)}")
@@ -385,7 +385,7 @@ def gather_sum(out: torch.Tensor, bases: list[int], src_rows: torch.Tensor,
 def gather_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """`out[i] = src[rows[i]]` for contiguous CPU `src [R, ...]`, `rows [n] int64` (checked)."""
-    if src.device.type != "cpu" or not src.is_contiguous() or src.dim() < 1:
+    if not src.is_cpu or not src.is_contiguous() or src.dim() < 1:
         raise ValueError("src must be a contiguous CPU tensor with a row dimension")
     _check(rows, "rows", torch.int64, 1)
     n = rows.numel()

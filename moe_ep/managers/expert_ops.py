@@ -25,7 +25,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _native(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in kernels.native.DTYPE_CODES and _kernels_ok()
+    return t.is_cpu and t.dtype in kernels.native.DTYPE_CODES and _kernels_ok()
 
 
 _KERNELS_OK: list[bool] = []

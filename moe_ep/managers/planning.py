@@ -120,7 +120,7 @@ def count_experts(row_ids: torch.Tensor, num_local: int) -> torch.Tensor:
 
 def native(t: torch.Tensor) -> bool:
     """Whether `plan` / `layout` run in C for `t` (a CPU tensor, kernels built)."""
-    return t.device.type == "cpu" and kernels.available()[0]
+    return t.is_cpu and kernels.available()[0]
 
 
 def plan(topk_ids: torch.Tensor, topk_weights: torch.Tensor, placement: ExpertPlacement
