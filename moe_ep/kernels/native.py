@@ -32,7 +32,7 @@ __all__ = [
     "segment_sum",
 ]
 
-_ABI = 1
+_ABI = 2
 _OK, _ERR_RANGE, _ERR_REPEAT, _ERR_BOUNDS, _ERR_DTYPE, _ERR_NOMEM = 0, -1, -2, -3, -4, -5
 #: dtype codes of csrc/cpu/dtype.h
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -51,16 +51,36 @@ class KernelError(ValueError):
         self.position = position
 
 
+class _PlanArgs(ctypes.Structure):
+    """`moe_plan_args` (csrc/cpu/kernels/moe_kernels.h)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("ids", "weights")] + [
+        (name, ctypes.c_int64) for name in ("n", "k")] + [
+        (name, ctypes.c_void_p) for name in ("owner", "local")] + [
+        (name, ctypes.c_int64) for name in ("num_experts", "world")] + [
+        (name, ctypes.c_void_p) for name in ("send_counts", "send_token", "row_ids",
+                                             "row_weights", "token_rows", "bad")]
+
+
+class _GatherArgs(ctypes.Structure):
+    """`moe_gather_args` (csrc/cpu/kernels/moe_kernels.h)."""
+
+    _fields_ = [("dtype", ctypes.c_int64), ("out", ctypes.c_void_p), ("n", ctypes.c_uint64),
+                ("nsrc", ctypes.c_int64), ("bases", ctypes.c_void_p),
+                ("src_rows", ctypes.c_void_p), ("rows", ctypes.c_void_p),
+                ("hidden", ctypes.c_uint64), ("bad", ctypes.c_void_p)]
+
+
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     vp, u64, i64, i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
     lib, why = load_library("moe_ep._kernels_native", {
         "moe_kernels_abi": (ctypes.c_uint32, []),
-        "moe_plan_dispatch": (i32, [vp, vp, i64, i64, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp]),
+        "moe_plan_dispatch": (i32, [vp]),
         "moe_packed_layout": (i32, [vp, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
         "moe_count_experts": (i32, [vp, i64, i64, i64, vp, vp]),
         "moe_segment_sum": (i32, [i32, vp, u64, u64, vp, vp, u64, vp, vp, u64, u64, vp]),
-        "moe_gather_sum": (i32, [i32, vp, u64, i64, vp, vp, vp, u64, vp]),
+        "moe_gather_sum": (i32, [vp]),
         "moe_gather_rows": (i32, [vp, vp, vp, u64, u64, u64, vp]),
     }, not_built=(
         "the native kernels moe_ep._kernels_native are not built (no C compiler at install "
@@ -156,20 +176,26 @@ class DispatchPlanner:
         self.send_token_ptr = self.send_token.data_ptr()
         self.row_ids_ptr = self.row_ids.data_ptr()
         self.row_weights_ptr = self.row_weights.data_ptr()
-        self._args = (
-            self.owner.data_ptr(), self.local.data_ptr(), self.num_experts, self.world,
-            self.send_counts.data_ptr(), self.send_token.data_ptr(), self.row_ids.data_ptr(),
-            self.row_weights.data_ptr(), self.token_rows.data_ptr(), self._bad.data_ptr(),
-        )
+        # The call arguments, set once: a call only sets the inputs (see moe_plan_args).
+        self._plan_args = _PlanArgs(
+            k=self.topk, owner=self.owner.data_ptr(), local=self.local.data_ptr(),
+            num_experts=self.num_experts, world=self.world, send_counts=self.send_counts_ptr,
+            send_token=self.send_token_ptr, row_ids=self.row_ids_ptr,
+            row_weights=self.row_weights_ptr, token_rows=self.token_rows.data_ptr(),
+            bad=self._bad.data_ptr())
+        self._sum_args = _GatherArgs(
+            nsrc=self.world, src_rows=self.send_counts_ptr, rows=self.token_rows.data_ptr(),
+            bad=self._bad.data_ptr())
+        self._plan_ref = ctypes.byref(self._plan_args)
+        self._sum_ref = ctypes.byref(self._sum_args)
 
     def plan(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """Plan `topk_ids [N, K] int64` / `topk_weights [N, K] float32` (contiguous CPU,
         N <= capacity; the caller has checked shapes). Raises ValueError for an id outside
         [-1, E) or a token routed to one expert twice."""
-        n = topk_ids.shape[0]
-        rc = self._lib.moe_plan_dispatch(
-            topk_ids.data_ptr(), topk_weights.data_ptr(), n, self.topk, *self._args
-        )
+        a = self._plan_args
+        a.ids, a.weights, a.n = topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[0]
+        rc = self._lib.moe_plan_dispatch(self._plan_ref)
         if rc:
             raise self._routing_error(rc, topk_ids)
 
@@ -192,9 +218,10 @@ class DispatchPlanner:
         token, the sum of its rows at each destination d, read from `bases[d]` (a ctypes array
         of W addresses: the first of the rows this rank sent to d, as returned there, i.e.
         `send_counts[d]` rows of `hidden` elements of out's dtype)."""
-        if self._lib.moe_gather_sum(DTYPE_CODES[out.dtype], out.data_ptr(), out.shape[0],
-                                    self.world, bases, self.send_counts_ptr,
-                                    self.token_rows.data_ptr(), hidden, self._bad.data_ptr()):
+        a = self._sum_args
+        a.dtype, a.out, a.n = DTYPE_CODES[out.dtype], out.data_ptr(), out.shape[0]
+        a.bases, a.hidden = ctypes.addressof(bases), hidden
+        if self._lib.moe_gather_sum(self._sum_ref):
             raise _bounds_error("sum_back: token rows", self._bad)
         return out
 
@@ -376,8 +403,10 @@ def gather_sum(out: torch.Tensor, bases: list[int], src_rows: torch.Tensor,
     n, w = rows.shape
     ptrs = (ctypes.c_void_p * w)(*bases)
     bad = torch.zeros(1, dtype=torch.int64)
-    if _lib().moe_gather_sum(code, out.data_ptr(), n, w, ptrs, src_rows.data_ptr(),
-                             rows.data_ptr(), out.shape[1], bad.data_ptr()):
+    args = _GatherArgs(dtype=code, out=out.data_ptr(), n=n, nsrc=w, bases=ctypes.addressof(ptrs),
+                       src_rows=src_rows.data_ptr(), rows=rows.data_ptr(), hidden=out.shape[1],
+                       bad=bad.data_ptr())
+    if _lib().moe_gather_sum(ctypes.byref(args)):
         raise _bounds_error("gather_sum: rows", bad)
     return out
 

@@ -19,7 +19,7 @@
 
 #include <stdint.h>
 
-#define MOE_KERNELS_ABI 1u
+#define MOE_KERNELS_ABI 2u
 #define MOE_API __attribute__((visibility("default")))
 
 enum {
@@ -40,12 +40,22 @@ MOE_API uint32_t moe_kernels_abi(void);
  *   row_ids [S, k] int64   local expert of slot j when it lives on the row's destination, else -1
  *   row_weights [S, k] f32 its router weight, 0 where row_ids is -1
  *   token_rows [n, world]  row of token t inside destination d's chunk, -1 when none
+ * The arguments come in a struct: a planner keeps one per set of buffers and sets only ids,
+ * weights and n per call (ctypes converts each scalar argument at ~0.3 us, which a decode
+ * step would pay a dozen times).
  * Returns MOE_OK, MOE_ERR_RANGE or MOE_ERR_REPEAT (bad = {token, slot}). */
-MOE_API int moe_plan_dispatch(const int64_t *ids, const float *weights, int64_t n, int64_t k,
-                              const int64_t *owner, const int64_t *local, int64_t num_experts,
-                              int64_t world, int64_t *send_counts, int64_t *send_token,
-                              int64_t *row_ids, float *row_weights, int64_t *token_rows,
-                              int64_t *bad);
+typedef struct {
+  const int64_t *ids;
+  const float *weights;
+  int64_t n, k;
+  const int64_t *owner, *local;
+  int64_t num_experts, world;
+  int64_t *send_counts, *send_token, *row_ids;
+  float *row_weights;
+  int64_t *token_rows, *bad;
+} moe_plan_args;
+
+MOE_API int moe_plan_dispatch(const moe_plan_args *a);
 
 /* TOKEN rows (row_ids [m, k], -1 = not here; row_weights [m, k]) -> EXPERT_PACKED:
  *   tokens_per_expert [num_local]; packed_row / packed_local / packed_weight [R]: the rows
@@ -71,10 +81,20 @@ MOE_API int moe_segment_sum(int dtype, void *out, uint64_t out_stride, uint64_t 
 
 /* out[i] = sum over d < nsrc with rows[i * nsrc + d] >= 0 of bases[d][rows[i * nsrc + d]],
  * in source order, accumulated like moe_segment_sum (0 when no source holds the row);
- * rows[.] < src_rows[d]. The combine's final sum over the ranks a token went to. */
-MOE_API int moe_gather_sum(int dtype, void *out, uint64_t n, int64_t nsrc,
-                           const void *const *bases, const int64_t *src_rows,
-                           const int64_t *rows, uint64_t hidden, int64_t *bad);
+ * rows[.] < src_rows[d]. The combine's final sum over the ranks a token went to. Arguments
+ * in a struct, as for moe_plan_dispatch (the planner's sum runs once per combine). */
+typedef struct {
+  int64_t dtype;
+  void *out;
+  uint64_t n;
+  int64_t nsrc;
+  const void *const *bases;
+  const int64_t *src_rows, *rows;
+  uint64_t hidden;
+  int64_t *bad;
+} moe_gather_args;
+
+MOE_API int moe_gather_sum(const moe_gather_args *a);
 
 /* out[i] = src[rows[i]] for i < n, rows of row_bytes bytes; rows in [0, src_rows). */
 MOE_API int moe_gather_rows(void *out, const void *src, const int64_t *rows, uint64_t n,

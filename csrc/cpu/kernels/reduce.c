@@ -134,8 +134,14 @@ int moe_segment_sum(int dtype, void *out, uint64_t out_stride, uint64_t nseg,
   return MOE_OK;
 }
 
-int moe_gather_sum(int dtype, void *out, uint64_t n, int64_t nsrc, const void *const *bases,
-                   const int64_t *src_rows, const int64_t *rows, uint64_t hidden, int64_t *bad) {
+int moe_gather_sum(const moe_gather_args *a) {
+  const int dtype = (int)a->dtype;
+  void *out = a->out;
+  const uint64_t n = a->n, hidden = a->hidden;
+  const int64_t nsrc = a->nsrc;
+  const void *const *bases = a->bases;
+  const int64_t *src_rows = a->src_rows, *rows = a->rows;
+  int64_t *bad = a->bad;
   const size_t es = dtype_size(dtype);
   if (!es) return MOE_ERR_DTYPE;
   if (nsrc < 1 || nsrc > MOE_MAX_SOURCES) {

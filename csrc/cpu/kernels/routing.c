@@ -10,10 +10,13 @@
 
 uint32_t moe_kernels_abi(void) { return MOE_KERNELS_ABI; }
 
-int moe_plan_dispatch(const int64_t *ids, const float *weights, int64_t n, int64_t k,
-                      const int64_t *owner, const int64_t *local, int64_t num_experts,
-                      int64_t world, int64_t *send_counts, int64_t *send_token, int64_t *row_ids,
-                      float *row_weights, int64_t *token_rows, int64_t *bad) {
+int moe_plan_dispatch(const moe_plan_args *a) {
+  const int64_t *ids = a->ids, *owner = a->owner, *local = a->local;
+  const float *weights = a->weights;
+  const int64_t n = a->n, k = a->k, num_experts = a->num_experts, world = a->world;
+  int64_t *send_counts = a->send_counts, *send_token = a->send_token, *row_ids = a->row_ids;
+  int64_t *token_rows = a->token_rows, *bad = a->bad;
+  float *row_weights = a->row_weights;
   /* Pass 1: validate, count rows per destination, note each token's row in each chunk. */
   for (int64_t d = 0; d < world; ++d) send_counts[d] = 0;
   for (int64_t t = 0; t < n; ++t) {
