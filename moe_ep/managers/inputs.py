@@ -279,7 +279,7 @@ def check_expert_out(state: CombineState, expert_out: object) -> torch.Tensor:
     """`expert_out` checked against the result's rows and cast to the combine dtype."""
     spec = state.handle.spec
     want = (*state.rows, spec.hidden)
-    if not isinstance(expert_out, torch.Tensor) or tuple(expert_out.shape) != want:
+    if not isinstance(expert_out, torch.Tensor) or expert_out.shape != want:
         raise ValueError(
             f"expert_out must be {list(want)} (the expert output of this result's rows), got "
             f"{describe(expert_out)}")
