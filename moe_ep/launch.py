@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_ep.arguments import seconds
+
 _DEVICES = ("cpu", "cuda")
 # After one rank raises, how long the others get to finish (they usually raise the same error
 # from a consistent input check) before they are presumed stuck in a collective and killed.
@@ -73,7 +75,7 @@ class DistributedPool:
             raise ValueError(f"device must be one of {_DEVICES}, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' needs CUDA, none is available")
-        _check_timeout(start_timeout, "start_timeout")
+        seconds(start_timeout, "start_timeout")
         self.world_size = world_size
         self.device = device
         self.broken = False
@@ -116,7 +118,7 @@ class DistributedPool:
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        _check_timeout(timeout, "timeout")
+        seconds(timeout, "timeout")
         if self.broken or self._closed:
             raise RuntimeError("this DistributedPool is broken or closed; create a new one")
         try:
@@ -217,14 +219,9 @@ def run_distributed(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    _check_timeout(timeout, "timeout")
+    seconds(timeout, "timeout")
     with DistributedPool(world_size, device=device) as pool:
         return pool.run(fn, *args, timeout=timeout)
-
-
-def _check_timeout(value: float, arg: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{arg} must be a number of seconds > 0, got {value!r}")
 
 
 # ------------------------------------------------------------------- worker side

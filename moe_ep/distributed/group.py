@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from moe_ep.arguments import seconds
 from moe_ep.distributed.communicators import (
     CudaCommunicator,
     DeviceCommunicatorBase,
@@ -762,14 +763,8 @@ def world_timeout_s() -> float:
 def _check_timeout(timeout_s: float | None, name: str) -> float:
     if timeout_s is None:
         return world_timeout_s()
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
-        0 < timeout_s < float("inf")
-    ):
-        raise ValueError(
-            f"GroupCoordinator({name!r}): timeout_s must be a finite number of seconds > 0 "
-            f"(or None for the world's timeout), got {timeout_s!r}"
-        )
-    return float(timeout_s)
+    return seconds(timeout_s, "timeout_s", where=f"GroupCoordinator({name!r}): ",
+                   hint=" (or None for the world's timeout)")
 
 
 def _device_for(backend: str, name: str) -> torch.device:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moe_ep.arguments import seconds
 from moe_ep.cpu_allocator import tune_cpu_allocator
 
 if TYPE_CHECKING:
@@ -122,14 +123,6 @@ def _target_device(kind: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _check_timeout(timeout_s: float) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
-        0 < timeout_s < float("inf")
-    ):
-        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
-    return float(timeout_s)
-
-
 # ------------------------------------------------------------------------------ TCP
 class TCPKVPipe(KVPipeBase):
     """A pipe over one TCP connection between two processes.
@@ -151,7 +144,7 @@ class TCPKVPipe(KVPipeBase):
         if role == "client" and port == 0:
             raise ValueError("a client needs the server's port, got 0")
         self.role = role
-        self.timeout_s = _check_timeout(timeout_s)
+        self.timeout_s = seconds(timeout_s, "timeout_s")
         # Every receive returns a fresh tensor: keep freed memory, or each pays its page faults.
         tune_cpu_allocator(f"TCPKVPipe({role})")
         self._sock: socket.socket | None = None
