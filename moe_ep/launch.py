@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import time
 import traceback
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ep.arguments import seconds
+from moe_ep.distributed.state import under_torchrun  # noqa: F401 - part of this module's API
 
 _DEVICES = ("cpu", "cuda")
 # After one rank raises, how long the others get to finish (they usually raise the same error
@@ -310,11 +310,6 @@ EXIT_USAGE = 2  # bad arguments or files (argparse's convention)
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
-
-
-def under_torchrun() -> bool:
-    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def local_topology(world_size: int | None = None, *, device: str | None = None,

@@ -18,6 +18,12 @@ import torch.distributed as dist
 
 from moe_ep.distributed.group import GroupCoordinator
 
+
+def under_torchrun() -> bool:
+    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 _BACKENDS = ("gloo", "nccl")
 
 
@@ -156,9 +162,8 @@ def initialize_model_parallel(
     """
     global _GROUPS
     if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            # Launched by torchrun (or a launcher that sets its variables): initialise from
-            # that environment, as the README's snippet promises.
+        if under_torchrun():
+            # Initialise from torchrun's environment, as the README's snippet promises.
             init_distributed()
         else:
             raise RuntimeError(
