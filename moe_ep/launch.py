@@ -6,7 +6,8 @@
   initialises `torch.distributed` against a TCP store that the parent hosts on a port the OS
   picks, so there is no port race. A worker's exception comes back with its type and remote
   traceback; a timeout or a dead rank kills every rank and raises in the parent.
-* `under_torchrun`, `torchrun_topology`, `local_topology`: which job the command runs in.
+* `under_torchrun` (from `moe_ep.distributed.state`, which needs it too), `torchrun_topology`,
+  `local_topology`: which job the command runs in.
 * `CLIError`: a user error of a command (printed as one line, exit status 2).
 """
 
