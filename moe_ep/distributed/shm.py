@@ -185,12 +185,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib, why = load_library("moe_ep._shm_native", sigs, not_built=(
         "the native library moe_ep._shm_native is not built (no C compiler at install "
         "time?); reinstall with `pip install -e .` or `pip install .`"
-    ))
+    ), abi=("shm_abi_version", _ABI_VERSION))
     if lib is None:
         return None, why
-    if lib.shm_abi_version() != _ABI_VERSION:
-        return None, (f"{lib._name} has ABI {lib.shm_abi_version()}, expected {_ABI_VERSION}; "
-                      "reinstall")
     if not os.path.isdir("/dev/shm"):
         return None, "/dev/shm is missing"
     lib.shm_set_interrupt_check(ctypes.cast(_INTERRUPT_CHECK, ctypes.c_void_p))

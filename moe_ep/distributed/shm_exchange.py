@@ -90,8 +90,7 @@ class ExchangeGeometry:
     num_local: int
 
     def native(self) -> _Geometry:
-        es = torch.empty((), dtype=self.dtype).element_size()
-        oes = torch.empty((), dtype=self.out_dtype).element_size()
+        es, oes = self.dtype.itemsize, self.out_dtype.itemsize
         return _Geometry(self.capacity, self.hidden * es, self.topk, 4 * self.scale_cols,
                          self.hidden * oes, self.num_local)
 

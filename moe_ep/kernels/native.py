@@ -74,7 +74,7 @@ class _GatherArgs(ctypes.Structure):
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     vp, u64, i64, i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
-    lib, why = load_library("moe_ep._kernels_native", {
+    return load_library("moe_ep._kernels_native", {
         "moe_kernels_abi": (ctypes.c_uint32, []),
         "moe_plan_dispatch": (i32, [vp]),
         "moe_packed_layout": (i32, [vp, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
@@ -85,10 +85,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     }, not_built=(
         "the native kernels moe_ep._kernels_native are not built (no C compiler at install "
         "time?); reinstall with `pip install -e .`"
-    ))
-    if lib is not None and lib.moe_kernels_abi() != _ABI:
-        return None, f"{lib._name} has ABI {lib.moe_kernels_abi()}, expected {_ABI}; reinstall"
-    return lib, why
+    ), abi=("moe_kernels_abi", _ABI))
 
 
 def available() -> tuple[bool, str]:
