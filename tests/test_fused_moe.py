@@ -134,11 +134,12 @@ def _layer_matches_dense(info, managers):
                     tol = ATOL[dtype]
                     what = f"{manager_name}{options} {name} {dtype}"
                     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=what)
-                    # The fast experts step agrees with apply_experts on this manager's result.
+                    # The fast experts step agrees with apply_experts on this manager's result
+                    # (computed first: the layer's step writes over res.x where it can).
                     _, w, ids = layer.route(x)
                     res = layer.prepare(x, w, ids)
-                    fast = layer.compute_experts(res)
                     slow = apply_experts(res, _independent_mlp(layer))
+                    fast = layer.compute_experts(res)
                     torch.testing.assert_close(fast, slow, atol=tol, rtol=tol, msg=what)
                     layer.finalize(fast, res)
                     checked.append((manager_name, res.layout.value, name, str(dtype)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,12 @@ def test_fused_experts_agree_with_apply_experts(dtype, atol, m, empty_expert):
         assert got.shape == res.x.shape and got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol,
                                    msg=str(res.layout))
+        if res.layout is not Layout.EXPERT_PADDED:
+            # Written over its own input (as FusedMoE does), the output is the same.
+            mine = dataclasses.replace(res, x=res.x.clone())
+            over = fused_experts(mine, w13, w2, out=mine.x)
+            assert over.data_ptr() == mine.x.data_ptr() or m == 0
+            torch.testing.assert_close(over, got, atol=0, rtol=0, msg=str(res.layout))
     # The three layouts describe the same work: the TOKEN sum equals the weighted packed rows.
     packed_out = fused_experts(packed, w13, w2).float() * packed.topk_weights[:, None]
     rows = torch.arange(m).unsqueeze(1).expand_as(token.topk_ids)[token.topk_ids >= 0]
@@ -229,3 +237,6 @@ def test_fused_experts_rejects_mismatched_weights():
         fused_experts(res, w13[:2], w2[:2])
     with pytest.raises(ValueError, match="activation must be one of"):
         fused_experts(res, w13, w2, activation="relu6")
+    for bad in (torch.empty(4, H, dtype=torch.bfloat16), torch.empty(3, H), torch.empty(H, 4).T):
+        with pytest.raises(ValueError, match=r"out must be a torch.float32 \[4, "):
+            fused_experts(res, w13, w2, out=bad)

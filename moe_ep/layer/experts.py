@@ -9,11 +9,11 @@ projection, transformers 5.x's ``gate_up_proj``) and ``w2 [E_local, H, I]`` (``d
 and one pair of matmuls per expert instead of per-row work:
 
 * ``TOKEN`` (``x [M, H]``, ``topk_ids [M, K]`` local ids or -1): the valid (row, k) pairs are
-  sorted by expert (one stable argsort), their rows gathered once, each expert's contiguous
-  segment goes through two matmuls, and the weighted sum back to ``[M, H]`` is one
-  scatter-add (fp32 accumulation, one rounding).
-* ``EXPERT_PACKED`` (``x [R, H]`` in ``tokens_per_expert`` segments): two matmuls per segment,
-  written in place; unweighted.
+  grouped by expert (``moe_ep.managers.planning.layout``: one C pass on CPU), their rows
+  gathered once, each expert's contiguous segment goes through two matmuls, and the weighted
+  sum back to ``[M, H]`` is one segment sum (native on CPU; fp32 accumulation, one rounding).
+* ``EXPERT_PACKED`` (``x [R, H]`` in ``tokens_per_expert`` segments): two matmuls per segment;
+  unweighted.
 * ``EXPERT_PADDED`` (``x [E_local, C, H]``): two batched matmuls (``torch.bmm``) over the
   first ``max(tokens_per_expert)`` rows of every expert; rows past an expert's count are 0.
 
@@ -23,6 +23,11 @@ The segment lengths are read on the host once per call (``tokens_per_expert.toli
 
 A quantised dispatch (``result.x`` float8 with ``result.x_scales``) is dequantised to
 ``out_dtype`` first.
+
+``out=`` lets the caller choose where the TOKEN / EXPERT_PACKED output goes; it may be
+``result.x`` itself (every row is read before its output is written), which the contract allows
+(:class:`~moe_ep.managers.DispatchResult`) and :class:`~moe_ep.layer.FusedMoE` does: ``shm``'s
+TOKEN combine then copies nothing, and no ``[M, H]`` tensor is allocated per call.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_ep.layer.quant import FP8_DTYPE, DispatchQuant
-from moe_ep.managers import DispatchResult, Layout
-from moe_ep.managers.expert_ops import weighted_row_sum
+from moe_ep.managers import DispatchResult, Layout, planning
+from moe_ep.managers.expert_ops import segment_sum
 
 __all__ = ["ACTIVATIONS", "ExpertsKernel", "expert_mlp", "fused_experts"]
 
@@ -78,6 +83,7 @@ def expert_mlp(
     return F.linear(ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:], w2)
 
 
+@torch.no_grad()  # inference, like the layer: it writes into preallocated outputs
 def fused_experts(
     result: DispatchResult,
     w13: torch.Tensor,
@@ -86,6 +92,7 @@ def fused_experts(
     activation: str = "silu",
     out_dtype: torch.dtype | None = None,
     quant: DispatchQuant | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The local experts' output for ``result``, in the layout ``combine`` expects.
 
@@ -96,6 +103,8 @@ def fused_experts(
         out_dtype: dtype of the output and of the matmuls; None = dtype of ``result.x``
             (required for a quantised result).
         quant: how ``result.x`` was quantised (needed when ``result.x_scales`` is set).
+        out: where to write a TOKEN ``[M, H]`` or EXPERT_PACKED ``[R, H]`` output, ``out_dtype``
+            with contiguous rows; may be ``result.x`` (overwritten). None = a new tensor.
 
     Returns:
         TOKEN ``[M, H]`` (weighted sum over the local experts of each row), EXPERT_PACKED
@@ -117,29 +126,45 @@ def fused_experts(
             f"{tuple(w13.shape)} and {tuple(w2.shape)}"
         )
     w13, w2 = w13.to(out_dtype), w2.to(out_dtype)
+    if out is not None and result.layout is not Layout.EXPERT_PADDED:
+        rows = x.shape[0]
+        if (not isinstance(out, torch.Tensor) or out.dtype != out_dtype or out.dim() != 2
+                or tuple(out.shape) != (rows, x.shape[1]) or (rows and out.stride(1) != 1)
+                or out.device != x.device):
+            got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else out
+            raise ValueError(f"out must be a {out_dtype} [{rows}, {x.shape[1]}] tensor with "
+                             f"contiguous rows on {x.device}, got {got}")
     if result.layout is Layout.TOKEN:
-        return _token_layout(result, x, w13, w2, activation)
+        return _token_layout(result, x, w13, w2, activation, out)
     if result.layout is Layout.EXPERT_PACKED:
         counts = result.tokens_per_expert.tolist()
         if sum(counts) != x.shape[0]:
             raise ValueError(
                 f"tokens_per_expert sums to {sum(counts)} but result.x has {x.shape[0]} rows"
             )
-        return _segments(x, counts, w13, w2, activation)
+        return _segments(x, counts, w13, w2, activation, out)
     if result.layout is Layout.EXPERT_PADDED:
         return _padded_layout(result, x, w13, w2, activation)
     raise ValueError(f"unknown layout {result.layout!r}")
 
 
 def _segments(
-    x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor, activation: str
+    x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor, activation: str,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [R, H]`` in expert segments of ``counts`` rows -> ``[R, H]``, each through its expert."""
-    out = torch.empty_like(x)
+    """``x [R, H]`` in expert segments of ``counts`` rows -> ``out [R, H]``, each through its
+    expert. ``out`` may be ``x``: a segment is read by its first matmul before the second
+    writes it."""
+    out = torch.empty_like(x) if out is None else out
+    inter = w13.shape[1] // 2
+    act = ACTIVATIONS[activation]
     start = 0
     for e, n in enumerate(counts):
         if n:
-            out[start : start + n] = expert_mlp(x[start : start + n], w13[e], w2[e], activation)
+            gate_up = F.linear(x[start : start + n], w13[e])
+            inner = act(gate_up[:, :inter]).mul_(gate_up[:, inter:])
+            # Straight into the output rows: no [n, H] temporary and copy per expert.
+            torch.mm(inner, w2[e].t(), out=out[start : start + n])
         start += n
     return out
 
@@ -150,23 +175,20 @@ def _token_layout(
     w13: torch.Tensor,
     w2: torch.Tensor,
     activation: str,
+    out: torch.Tensor | None,
 ) -> torch.Tensor:
     ids, weights = result.topk_ids, result.topk_weights
     if ids is None or weights is None or ids.dim() != 2 or ids.shape != weights.shape:
         raise ValueError("a TOKEN-layout result needs topk_ids and topk_weights of shape [M, K]")
-    num_rows, k = int(ids.shape[0]), int(ids.shape[1])
-    flat = ids.reshape(-1)
-    # Pairs of other ranks' experts (-1) sort first and are skipped by slicing, so the sort
-    # needs no boolean compaction (which would cost a host sync of its own).
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
-    skip = counts[0]
-    order = order[skip:]
-    rows = torch.div(order, k, rounding_mode="floor")
-    pair_out = _segments(x.index_select(0, rows), counts[1:], w13, w2, activation)
-    return weighted_row_sum(
-        pair_out, rows, weights.reshape(-1).index_select(0, order), num_rows, x.dtype
-    )
+    # The (row, slot) pairs grouped by local expert, and the CSR by row of their positions
+    # (C on CPU; it also checks the ids are in [-1, E_local)).
+    packed = planning.layout(ids.long(), weights.float(), w13.shape[0])
+    pair_out = _segments(x.index_select(0, packed.packed_row),
+                         packed.tokens_per_expert.tolist(), w13, w2, activation)
+    if out is None:
+        out = torch.empty_like(x)
+    return segment_sum(pair_out, packed.row_order, packed.row_offsets, packed.row_weight,
+                       out=out)
 
 
 def _padded_layout(

@@ -25,6 +25,7 @@ every step runs under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -33,7 +34,14 @@ from torch import nn
 from moe_ep.layer.experts import ACTIVATIONS, ExpertsKernel, fused_experts
 from moe_ep.layer.quant import DispatchQuant
 from moe_ep.layer.router import RoutingConfig
-from moe_ep.managers import All2AllManager, DispatchResult, EPHandle, EPSpec, expert_placement
+from moe_ep.managers import (
+    All2AllManager,
+    DispatchResult,
+    EPHandle,
+    EPSpec,
+    Layout,
+    expert_placement,
+)
 from moe_ep.managers.expert_ops import fail_together
 
 __all__ = ["FusedMoE", "Router"]
@@ -298,10 +306,19 @@ class FusedMoE(nn.Module):
     @torch.no_grad()
     def compute_experts(self, result: DispatchResult) -> torch.Tensor:
         """The local experts on ``result``: the expert output ``finalize`` expects. Local;
-        if the kernel raises, the other ranks' combine fails too (they are not left waiting)."""
-        return fail_together(result, lambda: self.experts_kernel(
-            result, self.w13, self.w2, activation=self.activation,
-            out_dtype=self.handle.spec.combine_dtype, quant=self.quant,
+        if the kernel raises, the other ranks' combine fails too (they are not left waiting).
+
+        The default kernel writes its output over ``result.x`` when the layout and dtype allow
+        (the contract lets the experts step overwrite it): no new tensor per call, and ``shm``'s
+        TOKEN combine then copies nothing."""
+        dtype = self.handle.spec.combine_dtype
+        kernel, x = self.experts_kernel, result.x
+        if (kernel is fused_experts and result.layout is not Layout.EXPERT_PADDED
+                and x.dtype == dtype and x.dim() == 2 and (x.shape[0] == 0 or x.stride(1) == 1)):
+            kernel = functools.partial(fused_experts, out=x)
+        return fail_together(result, lambda: kernel(
+            result, self.w13, self.w2, activation=self.activation, out_dtype=dtype,
+            quant=self.quant,
         ))
 
     @torch.no_grad()

@@ -65,13 +65,9 @@ class RoutingConfig:
     def route(
         self, router_logits: torch.Tensor, correction_bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`route` with this config's options."""
-        if router_logits.dim() == 2 and router_logits.shape[1] != self.num_experts:
-            raise ValueError(
-                f"router_logits must be [num_tokens, {self.num_experts}], got "
-                f"{tuple(router_logits.shape)}"
-            )
-        return route(
+        """:func:`route` with this config's options (validated once, when it was made)."""
+        _check_logits(router_logits, self.num_experts)
+        return _route(
             router_logits,
             self.top_k,
             scoring=self.scoring,
@@ -112,16 +108,50 @@ def route(
         ``(topk_weights [N, top_k] float32, topk_ids [N, top_k] int64)``; the ids of a token
         are distinct. N may be 0.
     """
-    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+    _check_logits(router_logits)
+    _check_routing(int(router_logits.shape[1]), top_k, scoring, renormalize, n_group,
+                   topk_group, routed_scaling_factor)
+    return _route(router_logits, top_k, scoring=scoring, renormalize=renormalize,
+                  correction_bias=correction_bias, n_group=n_group, topk_group=topk_group,
+                  routed_scaling_factor=routed_scaling_factor)
+
+
+def _check_logits(router_logits: object, num_experts: int | None = None) -> None:
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 or (
+        num_experts is not None and router_logits.shape[1] != num_experts
+    ):
         got = (tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor)
                else type(router_logits).__name__)
-        raise ValueError(f"router_logits must be [num_tokens, num_experts], got {got}")
+        want = "num_experts" if num_experts is None else num_experts
+        raise ValueError(f"router_logits must be [num_tokens, {want}], got {got}")
     if not router_logits.is_floating_point():
         raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
+
+
+def _route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str,
+    renormalize: bool,
+    correction_bias: torch.Tensor | None,
+    n_group: int | None,
+    topk_group: int | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` on arguments already checked."""
     num_experts = int(router_logits.shape[1])
-    _check_routing(num_experts, top_k, scoring, renormalize, n_group, topk_group,
-                   routed_scaling_factor)
+    grouped = n_group is not None and n_group > 1
     logits = router_logits.float()
+    if scoring == "softmax" and renormalize and correction_bias is None and not grouped:
+        # The softmax renormalised over the k chosen experts is the softmax of their k logits
+        # (the common denominator cancels), and the softmax preserves the order: two ops
+        # instead of five on every decode step. Equal to the long form up to fp32 rounding.
+        top, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        if routed_scaling_factor != 1.0:
+            weights = weights * routed_scaling_factor
+        return weights, ids
     scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
     choice = scores
     if correction_bias is not None:
@@ -131,7 +161,7 @@ def route(
             raise ValueError(f"correction_bias must be a [{num_experts}] tensor, got "
                              f"{getattr(correction_bias, 'shape', type(correction_bias))}")
         choice = scores + correction_bias.float()
-    if n_group is not None and n_group > 1:
+    if grouped:
         per_group = num_experts // n_group
         grouped = choice.view(-1, n_group, per_group)
         if correction_bias is not None:
