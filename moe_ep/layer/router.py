@@ -18,8 +18,8 @@ top-k is taken among their experts. The choice scores are ``scores + correction_
 weights returned are the *uncorrected* scores of the chosen experts (the bias steers the
 choice for load balance only), renormalised if asked, then times ``routed_scaling_factor``.
 
-No function here communicates or keeps state; :class:`RoutingConfig` only validates and holds
-the options a layer routes with.
+Nothing here communicates or keeps state. :class:`RoutingConfig` holds the options a layer
+routes with, validated once when it is made, and routes; :func:`route` makes one per call.
 """
 
 from __future__ import annotations
@@ -67,16 +67,51 @@ class RoutingConfig:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`route` with this config's options (validated once, when it was made)."""
         _check_logits(router_logits, self.num_experts)
-        return _route(
-            router_logits,
-            self.top_k,
-            scoring=self.scoring,
-            renormalize=self.renormalize,
-            correction_bias=correction_bias,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            routed_scaling_factor=self.routed_scaling_factor,
-        )
+        num_experts, top_k, n_group = self.num_experts, self.top_k, self.n_group
+        grouped = n_group is not None and n_group > 1
+        logits = router_logits.float()
+        if self.scoring == "softmax" and self.renormalize and correction_bias is None and (
+            not grouped
+        ):
+            # The softmax renormalised over the k chosen experts is the softmax of their k
+            # logits (the common denominator cancels) and the softmax keeps the order: two ops
+            # instead of five on every decode step, equal to the long form up to fp32 rounding.
+            top, ids = torch.topk(logits, top_k, dim=-1)
+            return self._scaled(torch.softmax(top, dim=-1)), ids
+        scores = torch.softmax(logits, dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        choice = scores
+        if correction_bias is not None:
+            if not isinstance(correction_bias, torch.Tensor) or tuple(correction_bias.shape) != (
+                num_experts,
+            ):
+                raise ValueError(f"correction_bias must be a [{num_experts}] tensor, got "
+                                 f"{getattr(correction_bias, 'shape', type(correction_bias))}")
+            choice = scores + correction_bias.float()
+        if grouped:
+            per_group = num_experts // n_group
+            by_group = choice.view(-1, n_group, per_group)
+            if correction_bias is not None:
+                # min(): a group of one expert is scored by that expert.
+                group_scores = by_group.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = by_group.amax(dim=-1)
+            keep = torch.topk(group_scores, self.topk_group, dim=-1).indices  # [N, topk_group]
+            eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            eligible = eligible.unsqueeze(-1).expand(-1, n_group, per_group).reshape(
+                -1, num_experts)
+            choice = choice.masked_fill(~eligible, float("-inf"))
+        if choice is scores:
+            weights, ids = torch.topk(scores, top_k, dim=-1)
+        else:
+            ids = torch.topk(choice, top_k, dim=-1).indices
+            weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + _RENORM_EPS)
+        return self._scaled(weights), ids
+
+    def _scaled(self, weights: torch.Tensor) -> torch.Tensor:
+        f = self.routed_scaling_factor
+        return weights if f == 1.0 else weights * f
 
 
 def route(
@@ -109,11 +144,9 @@ def route(
         are distinct. N may be 0.
     """
     _check_logits(router_logits)
-    _check_routing(int(router_logits.shape[1]), top_k, scoring, renormalize, n_group,
-                   topk_group, routed_scaling_factor)
-    return _route(router_logits, top_k, scoring=scoring, renormalize=renormalize,
-                  correction_bias=correction_bias, n_group=n_group, topk_group=topk_group,
-                  routed_scaling_factor=routed_scaling_factor)
+    config = RoutingConfig(int(router_logits.shape[1]), top_k, scoring, renormalize, n_group,
+                           topk_group, routed_scaling_factor)
+    return config.route(router_logits, correction_bias)
 
 
 def _check_logits(router_logits: object, num_experts: int | None = None) -> None:
@@ -126,63 +159,6 @@ def _check_logits(router_logits: object, num_experts: int | None = None) -> None
         raise ValueError(f"router_logits must be [num_tokens, {want}], got {got}")
     if not router_logits.is_floating_point():
         raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
-
-
-def _route(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    scoring: str,
-    renormalize: bool,
-    correction_bias: torch.Tensor | None,
-    n_group: int | None,
-    topk_group: int | None,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`route` on arguments already checked."""
-    num_experts = int(router_logits.shape[1])
-    grouped = n_group is not None and n_group > 1
-    logits = router_logits.float()
-    if scoring == "softmax" and renormalize and correction_bias is None and not grouped:
-        # The softmax renormalised over the k chosen experts is the softmax of their k logits
-        # (the common denominator cancels), and the softmax preserves the order: two ops
-        # instead of five on every decode step. Equal to the long form up to fp32 rounding.
-        top, ids = torch.topk(logits, top_k, dim=-1)
-        weights = torch.softmax(top, dim=-1)
-        if routed_scaling_factor != 1.0:
-            weights = weights * routed_scaling_factor
-        return weights, ids
-    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores
-    if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or tuple(correction_bias.shape) != (
-            num_experts,
-        ):
-            raise ValueError(f"correction_bias must be a [{num_experts}] tensor, got "
-                             f"{getattr(correction_bias, 'shape', type(correction_bias))}")
-        choice = scores + correction_bias.float()
-    if grouped:
-        per_group = num_experts // n_group
-        grouped = choice.view(-1, n_group, per_group)
-        if correction_bias is not None:
-            # min(): a group of one expert is scored by that expert.
-            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = grouped.amax(dim=-1)
-        keep = torch.topk(group_scores, topk_group, dim=-1).indices  # [N, topk_group]
-        eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        eligible = eligible.unsqueeze(-1).expand(-1, n_group, per_group).reshape(-1, num_experts)
-        choice = choice.masked_fill(~eligible, float("-inf"))
-    if choice is scores:
-        weights, ids = torch.topk(scores, top_k, dim=-1)
-    else:
-        ids = torch.topk(choice, top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + _RENORM_EPS)
-    if routed_scaling_factor != 1.0:
-        weights = weights * routed_scaling_factor
-    return weights, ids
 
 
 def _check_routing(
