@@ -85,11 +85,10 @@ def _blocks(group, fn, iters: int, repeats: int) -> list[float]:
 def _sent_bytes(ids, rank: int, world: int, num_experts: int, row_bytes: int) -> int:
     """Bytes of this rank's tokens once per distinct remote owner (what its dispatch sends;
     its combine gets as many back)."""
-    from moe_ep.managers import expert_placement
+    from moe_ep.managers import expert_placement, planning
 
-    owner = expert_placement(num_experts, world).owners(ids)  # [N, K], -1 = none
-    rows = sum(int((owner == d).any(dim=1).sum()) for d in range(world) if d != rank)
-    return rows * row_bytes
+    rows = planning.send_counts(ids, expert_placement(num_experts, world))[:world].tolist()
+    return (sum(rows) - rows[rank]) * row_bytes
 
 
 def floor_worker(info, tokens_list, hidden: int, num_experts: int, topk: int,

@@ -223,14 +223,15 @@ class DispatchPlanner:
         return out
 
     def result(self, n: int) -> DispatchPlan:
-        """The last plan (of `n` tokens) as tensors sliced to their sizes (copies)."""
+        """The last plan (of `n` tokens) as views of the buffers sliced to their sizes: valid
+        until the next `plan`."""
         s = int(self.send_counts.sum())
         return DispatchPlan(
-            send_counts=self.send_counts.clone(),
-            send_token=self.send_token[:s].clone(),
-            row_ids=self.row_ids[:s].clone(),
-            row_weights=self.row_weights[:s].clone(),
-            token_rows=self.token_rows[:n].clone(),
+            send_counts=self.send_counts,
+            send_token=self.send_token[:s],
+            row_ids=self.row_ids[:s],
+            row_weights=self.row_weights[:s],
+            token_rows=self.token_rows[:n],
         )
 
 
@@ -245,6 +246,7 @@ def plan_dispatch(
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids "
                          f"{tuple(topk_ids.shape)}")
+    # A planner of its own, sized for this call: the plan is its buffers, nothing is copied.
     planner = DispatchPlanner(owner, local, world, topk_ids.shape[1], topk_ids.shape[0])
     planner.plan(topk_ids, topk_weights)
     return planner.result(topk_ids.shape[0])
