@@ -118,6 +118,8 @@ class GroupCoordinator:
         timeout_s: the group's timeout (float seconds).
         same_node: True when every rank of the group runs on one node (decided collectively
             once, at construction; True for a group of one rank).
+        same_node_flags: per rank of the group, whether it shares the node of the group's
+            first rank (the same probe; `Topology.detect` reads it).
     """
 
     def __init__(
@@ -171,9 +173,10 @@ class GroupCoordinator:
         self.last_rank = self.ranks[-1]
         # Collective on the new groups, so also a rendezvous: no rank can destroy a group while a
         # peer is still connecting to it (gloo then fails with "Connection closed by peer").
-        self.same_node = self.world_size == 1 or all(
-            _same_node_flags(self._cpu_group, self.rank_in_group, 0, self.ranks)
-        )
+        self.same_node_flags: tuple[bool, ...] = (
+            (True,) if self.world_size == 1
+            else tuple(_same_node_flags(self._cpu_group, self.rank_in_group, 0, self.ranks)))
+        self.same_node = all(self.same_node_flags)
         self._communicators(use_shm, use_custom_allreduce)
         _LIVE.add(self)
 

@@ -86,9 +86,7 @@ class Topology:
         if group is None or group.world_size == 1:
             nvlink = nvlink_all_connected(gpus) if device == "cuda" else None
             return cls(device=device, gpus_per_node=gpus, nvlink=nvlink)
-        from moe_ep.distributed.group import in_the_same_node_as
-
-        same_node = tuple(in_the_same_node_as(group, source_rank=0))
+        same_node = group.same_node_flags  # probed when the group was built
         # Ranks on my node: those sharing rank 0's node, assuming a homogeneous job (the same
         # number of ranks on every node, as torchrun launches it).
         local = same_node.count(True)

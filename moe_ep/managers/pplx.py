@@ -161,9 +161,7 @@ class PplxManager(VendorManager):
     def _setup(self) -> None:
         internode = self.options.internode
         if internode is None:
-            from moe_ep.distributed.group import in_the_same_node_as
-
-            internode = not all(in_the_same_node_as(self.group, 0))
+            internode = not self.group.same_node  # probed when the group was built
         self.internode = internode
         self._nvshmem = False
         if internode:
