@@ -204,6 +204,19 @@ def test_fused_experts_agree_with_apply_experts(dtype, atol, m, empty_expert):
     torch.testing.assert_close(fused_experts(token, w13, w2).float(), summed, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("m", [0, 1, 17])
+def test_token_fast_path_without_the_native_kernels(monkeypatch, m):
+    # The pure-torch layout and segment sum (what runs on a GPU) give what the C ones give.
+    w13, w2 = _weights(torch.float32)
+    res = _token_result(m, 2, torch.float32, empty_expert=1)
+    native = fused_experts(res, w13, w2)
+    monkeypatch.setattr("moe_ep.managers.planning.native", lambda t: False)
+    monkeypatch.setattr("moe_ep.managers.expert_ops._native", lambda t: False)
+    torch.testing.assert_close(fused_experts(res, w13, w2), native, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused_experts(res, w13, w2), _slow(res, w13, w2), atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_padded_rows_are_zero_and_unused_experts_skip():
     w13, w2 = _weights(torch.float32)
     packed = _packed_from_token(_token_result(6, 2, torch.float32, empty_expert=2))

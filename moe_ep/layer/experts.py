@@ -180,11 +180,14 @@ def _token_layout(
     ids, weights = result.topk_ids, result.topk_weights
     if ids is None or weights is None or ids.dim() != 2 or ids.shape != weights.shape:
         raise ValueError("a TOKEN-layout result needs topk_ids and topk_weights of shape [M, K]")
-    # The (row, slot) pairs grouped by local expert, and the CSR by row of their positions
-    # (C on CPU; it also checks the ids are in [-1, E_local)).
-    packed = planning.layout(ids.long(), weights.float(), w13.shape[0])
-    pair_out = _segments(x.index_select(0, packed.packed_row),
-                         packed.tokens_per_expert.tolist(), w13, w2, activation)
+    # The (row, slot) pairs grouped by local expert, and the CSR by row of their positions (C
+    # on CPU, which counts them from the ids and checks the ids are in [-1, E_local)). The
+    # segment lengths must reach the host: on a device the result's own count is that one
+    # synchronisation, and it sizes the layout so that the layout needs none.
+    hint = result.tokens_per_expert.tolist()
+    packed = planning.layout(ids.long(), weights.float(), w13.shape[0], num_pairs=sum(hint))
+    counts = packed.tokens_per_expert.tolist() if packed.tokens_per_expert.is_cpu else hint
+    pair_out = _segments(x.index_select(0, packed.packed_row), counts, w13, w2, activation)
     if out is None:
         out = torch.empty_like(x)
     return segment_sum(pair_out, packed.row_order, packed.row_offsets, packed.row_weight,
