@@ -98,12 +98,14 @@ class AllToAllVManager(GroupExchangeManager):
             return plan, tuple(plan.send_counts.tolist() + pairs.tolist())
         # The split sizes must reach the host (all_to_all_single takes them there): one
         # synchronisation for rows and pairs together, and none after it.
-        counts = tuple(planning.send_counts(ids, placement).tolist())
+        dests = planning.destinations(ids, placement)
+        counts = tuple(planning.send_counts(ids, placement, dests).tolist())
         if not self.options.dedup:
             counts = counts[w:] + counts[w:]  # one row per pair
             plan = planning.plan_dispatch_pairs(ids, weights, placement, sum(counts[:w]))
         else:
-            plan = planning.plan_dispatch(ids, weights, placement, total_rows=sum(counts[:w]))
+            plan = planning.plan_dispatch(ids, weights, placement, total_rows=sum(counts[:w]),
+                                          dests=dests)
         return plan, counts
 
     def _transfer(self, call: int, seq: int, handle: EPHandle, checked: CheckedInputs,

@@ -19,13 +19,15 @@ from moe_ep import kernels
 from moe_ep.kernels.native import DispatchPlan, PackedLayout
 from moe_ep.managers.placement import ExpertPlacement
 
-__all__ = ["DispatchPlan", "PackedLayout", "count_experts", "layout", "packed_layout", "plan",
-           "plan_dispatch", "plan_dispatch_pairs", "send_counts"]
+__all__ = ["DispatchPlan", "PackedLayout", "count_experts", "destinations", "layout",
+           "packed_layout", "plan", "plan_dispatch", "plan_dispatch_pairs", "send_counts"]
 
 
-def _destinations(topk_ids: torch.Tensor, placement: ExpertPlacement
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(dst [N, K] owner rank of each slot or -1, hit [N, W] token has an expert on rank)`."""
+def destinations(topk_ids: torch.Tensor, placement: ExpertPlacement
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(dst [N, K] owner rank of each slot or -1, hit [N, W] token has an expert on rank)`:
+    what `send_counts` and `plan_dispatch` both start from (a caller calling both computes it
+    once and passes it as `dests`)."""
     owner = placement.owner_table(topk_ids.device)
     e = topk_ids.clamp(min=0)
     dst = torch.where(topk_ids >= 0, owner[e], torch.full_like(e, -1))
@@ -33,17 +35,18 @@ def _destinations(topk_ids: torch.Tensor, placement: ExpertPlacement
     return dst, (dst.unsqueeze(-1) == ranks).any(dim=1)
 
 
-def send_counts(topk_ids: torch.Tensor, placement: ExpertPlacement) -> torch.Tensor:
+def send_counts(topk_ids: torch.Tensor, placement: ExpertPlacement,
+                dests: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`[2W] int64` on ids' device: the rows for each destination (tokens with >= 1 expert
     there), then the (token, expert) pairs for each (one `.tolist()` brings both to the host)."""
-    dst, hit = _destinations(topk_ids, placement)
+    dst, hit = destinations(topk_ids, placement) if dests is None else dests
     ranks = torch.arange(placement.ep_size, device=topk_ids.device)
     return torch.cat([hit.sum(dim=0), (dst.unsqueeze(-1) == ranks).sum(dim=(0, 1))])
 
 
 def plan_dispatch(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, placement: ExpertPlacement,
-    total_rows: int | None = None,
+    total_rows: int | None = None, dests: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DispatchPlan:
     """Where each token goes (torch, any device; the same as `moe_ep.kernels.plan_dispatch`).
 
@@ -54,13 +57,14 @@ def plan_dispatch(
         placement: the expert placement of the group.
         total_rows: S = `send_counts(...).sum()` when the caller knows it on the host already
             (then no device-to-host synchronisation happens here).
+        dests: `destinations(topk_ids, placement)` when the caller has it already.
     Returns: `DispatchPlan` (send_counts `[W]`, send_token `[S]`, row_ids / row_weights
     `[S, K]`, token_rows `[N, W]`).
     """
     device = topk_ids.device
     local = placement.local_table(device)
     e = topk_ids.clamp(min=0)
-    dst, hit = _destinations(topk_ids, placement)
+    dst, hit = destinations(topk_ids, placement) if dests is None else dests
     send_counts = hit.sum(dim=0)
     token_rows = torch.where(hit, torch.cumsum(hit, dim=0) - 1, torch.full_like(dst[:, :1], -1))
     # [S, 2] (destination, token), destination-major.
