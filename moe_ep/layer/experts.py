@@ -83,7 +83,7 @@ def expert_mlp(
     return F.linear(ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:], w2)
 
 
-@torch.no_grad()  # inference, like the layer: it writes into preallocated outputs
+@torch.no_grad()
 def fused_experts(
     result: DispatchResult,
     w13: torch.Tensor,
@@ -95,6 +95,9 @@ def fused_experts(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The local experts' output for ``result``, in the layout ``combine`` expects.
+
+    Inference only: it runs under ``torch.no_grad()`` (builds no autograd graph), like the
+    layer, since it writes into preallocated outputs.
 
     Args:
         result: a dispatch result whose ``tokens_per_expert`` has ``E_local`` entries.
