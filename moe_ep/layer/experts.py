@@ -75,12 +75,15 @@ class ExpertsKernel(Protocol):
 
 
 def expert_mlp(
-    rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str = "silu"
+    rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str = "silu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype)."""
+    """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype),
+    into ``out [n, H]`` when given (no autograd then, as for any ``out=``)."""
     gate_up = F.linear(rows, w13)
     inter = w13.shape[0] // 2
-    return F.linear(ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:], w2)
+    inner = ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:]
+    return F.linear(inner, w2) if out is None else torch.mm(inner, w2.t(), out=out)
 
 
 @torch.no_grad()
@@ -159,15 +162,12 @@ def _segments(
     expert. ``out`` may be ``x``: a segment is read by its first matmul before the second
     writes it."""
     out = torch.empty_like(x) if out is None else out
-    inter = w13.shape[1] // 2
-    act = ACTIVATIONS[activation]
     start = 0
     for e, n in enumerate(counts):
         if n:
-            gate_up = F.linear(x[start : start + n], w13[e])
-            inner = act(gate_up[:, :inter]).mul_(gate_up[:, inter:])
             # Straight into the output rows: no [n, H] temporary and copy per expert.
-            torch.mm(inner, w2[e].t(), out=out[start : start + n])
+            expert_mlp(x[start : start + n], w13[e], w2[e], activation,
+                       out=out[start : start + n])
         start += n
     return out
 
