@@ -125,6 +125,34 @@ def test_row_sums_native_equal_torch(dtype):
     assert got[2].abs().max() == 0  # a token with no row sums to 0
 
 
+@pytest.mark.parametrize("hidden", [5, 16, 4096 + 7])
+def test_bf16_gather_sum_rounds_once_like_torch(hidden):
+    # The native bf16 sum (a vector path on AVX2 machines, a scalar tail) equals torch's fp32
+    # sum in source order rounded once, bit for bit (NaN: in the same places; torch keeps a
+    # NaN's sign, the kernel writes the canonical one): ties, inf and 1 to 4 sources.
+    gen = torch.Generator().manual_seed(hidden)
+    world = 4
+    sources = [(torch.randn(6, hidden, generator=gen) * 10 ** d).to(torch.bfloat16)
+               for d in range(world)]
+    sources[0][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    sources[1][1, -1] = float("nan")
+    # 1 + 2**-8 rounds to a tie between two bf16 neighbours: round to even must pick one.
+    sources[0][2], sources[1][2] = 1.0, 2.0 ** -8
+    token_rows = torch.randint(-1, 6, (40, world), generator=gen)
+    token_rows[:3, 0], token_rows[:3, 1] = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    token_rows[3] = torch.tensor([-1, 4, -1, -1])  # one source: a copy
+    token_rows[4] = -1  # none: zeros
+    native = kernels.gather_sum(torch.empty(40, hidden, dtype=torch.bfloat16),
+                                [s.data_ptr() for s in sources], torch.full((world,), 6),
+                                token_rows)
+    twin = expert_ops.gather_sum_torch(sources, token_rows,
+                                       torch.empty(40, hidden, dtype=torch.bfloat16))
+    nan = twin.isnan()
+    assert torch.equal(native.isnan(), nan) and nan[0, 0] and nan[1, -1]
+    assert torch.equal(native[~nan].view(torch.int16), twin[~nan].view(torch.int16))
+    assert native[4].abs().max() == 0
+
+
 def test_float64_sums_stay_float64():
     src = torch.tensor([[1.0 + 2**-40], [1.0]], dtype=torch.float64)
     out = kernels.segment_sum(src, torch.tensor([0, 1]), torch.tensor([0, 2]))

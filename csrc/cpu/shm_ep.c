@@ -304,24 +304,31 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
     a->received += a->recv_counts[d];
   }
   const uint64_t rb = g->row_bytes, sb = g->scale_bytes, k = g->k;
+  char *xr[SHM_MAX_RANKS], *sr[SHM_MAX_RANKS];
   int64_t start = 0;
   for (int d = 0; d < W; ++d) {
     const int64_t n = a->send_counts[d], off = chunk_offset(ep, slot, b, d);
+    xr[d] = region(L, d, (int)b, 0) + (uint64_t)off * rb;
+    sr[d] = region(L, d, (int)b, 3) + (uint64_t)off * sb;
     if (n) {
-      char *xr = region(L, d, (int)b, 0) + (uint64_t)off * rb;
-      const int64_t *tok = a->send_token + start;
-      for (int64_t i = 0; i < n; ++i) memcpy(xr + (uint64_t)i * rb, a->x + (uint64_t)tok[i] * rb, rb);
       memcpy(region(L, d, (int)b, 1) + (uint64_t)off * k * 8, a->row_ids + (uint64_t)start * k,
              (uint64_t)n * k * 8);
       memcpy(region(L, d, (int)b, 2) + (uint64_t)off * k * 4, a->row_weights + (uint64_t)start * k,
              (uint64_t)n * k * 4);
-      if (sb && a->scales) {
-        char *sr = region(L, d, (int)b, 3) + (uint64_t)off * sb;
-        for (int64_t i = 0; i < n; ++i)
-          memcpy(sr + (uint64_t)i * sb, a->scales + (uint64_t)tok[i] * sb, sb);
-      }
     }
     start += n;
+  }
+  /* Token-major: a token's row is read once (then from L1) for all its destinations. */
+  const int copy_scales = sb && a->scales;
+  for (int64_t t = 0; t < a->ntok; ++t) {
+    const int64_t *rows = a->token_rows + (uint64_t)t * (uint64_t)W;
+    const char *src = a->x + (uint64_t)t * rb;
+    for (int d = 0; d < W; ++d) {
+      const int64_t r = rows[d];
+      if (r < 0) continue;
+      memcpy(xr[d] + (uint64_t)r * rb, src, rb);
+      if (copy_scales) memcpy(sr[d] + (uint64_t)r * sb, a->scales + (uint64_t)t * sb, sb);
+    }
   }
   publish(ep, slot, SHM_EP_DATA, a->seq);
   if (wait_all(ep, slot, SHM_EP_DATA, q + 1u, mine, "dispatch (rows)")) return -1;

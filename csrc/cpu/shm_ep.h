@@ -87,7 +87,7 @@ typedef struct {
   int64_t err;                /* this rank's input error code (0: none) */
   int64_t ntok;               /* tokens this rank dispatches */
   const int64_t *send_counts; /* [W] rows for each destination */
-  const int64_t *send_token;  /* [S] token of each row, destination-major */
+  const int64_t *token_rows;  /* [ntok, W] row of token n in this rank's chunk at d, or -1 */
   const char *x;              /* [ntok, row_bytes] */
   const int64_t *row_ids;     /* [S, k] */
   const float *row_weights;   /* [S, k] */

@@ -55,7 +55,7 @@ class _DispatchArgs(ctypes.Structure):
     _fields_ = [
         ("call", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("err", ctypes.c_int64),
         ("ntok", ctypes.c_int64), ("send_counts", ctypes.c_void_p),
-        ("send_token", ctypes.c_void_p), ("x", ctypes.c_void_p), ("row_ids", ctypes.c_void_p),
+        ("token_rows", ctypes.c_void_p), ("x", ctypes.c_void_p), ("row_ids", ctypes.c_void_p),
         ("row_weights", ctypes.c_void_p), ("scales", ctypes.c_void_p),
         ("recv_counts", ctypes.c_void_p), ("peer_err", ctypes.c_void_p),
         ("tokens_per_expert", ctypes.c_void_p), ("received", ctypes.c_int64),
@@ -283,7 +283,7 @@ class ShmExchangeBuffer:
             a.ntok = x.shape[0]
             a.x = x.data_ptr()
             a.send_counts = planner.send_counts_ptr
-            a.send_token = planner.send_token_ptr
+            a.token_rows = planner.token_rows_ptr
             a.row_ids = planner.row_ids_ptr
             a.row_weights = planner.row_weights_ptr
             a.scales = scales.data_ptr() if scales is not None else None

@@ -173,15 +173,16 @@ class DispatchPlanner:
         self.send_token_ptr = self.send_token.data_ptr()
         self.row_ids_ptr = self.row_ids.data_ptr()
         self.row_weights_ptr = self.row_weights.data_ptr()
+        self.token_rows_ptr = self.token_rows.data_ptr()
         # The call arguments, set once: a call only sets the inputs (see moe_plan_args).
         self._plan_args = _PlanArgs(
             k=self.topk, owner=self.owner.data_ptr(), local=self.local.data_ptr(),
             num_experts=self.num_experts, world=self.world, send_counts=self.send_counts_ptr,
             send_token=self.send_token_ptr, row_ids=self.row_ids_ptr,
-            row_weights=self.row_weights_ptr, token_rows=self.token_rows.data_ptr(),
+            row_weights=self.row_weights_ptr, token_rows=self.token_rows_ptr,
             bad=self._bad.data_ptr())
         self._sum_args = _GatherArgs(
-            nsrc=self.world, src_rows=self.send_counts_ptr, rows=self.token_rows.data_ptr(),
+            nsrc=self.world, src_rows=self.send_counts_ptr, rows=self.token_rows_ptr,
             bad=self._bad.data_ptr())
         self._plan_ref = ctypes.byref(self._plan_args)
         self._sum_ref = ctypes.byref(self._sum_args)

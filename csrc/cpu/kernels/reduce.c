@@ -8,6 +8,11 @@
 #include "../dtype.h"
 #include "moe_kernels.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MOE_BF16_AVX2 1
+#endif
+
 #define HBLOCK 1024 /* hidden elements per accumulator block */
 #define MOE_MAX_SOURCES 64
 
@@ -87,6 +92,64 @@
 MOE_FOR_EACH_DTYPE(DEFINE_SEGMENT_SUM)
 MOE_FOR_EACH_DTYPE(DEFINE_GATHER_SUM)
 
+#ifdef MOE_BF16_AVX2
+/* The bf16 gather sum by hand: the compiler's vectorisation of the scalar convert / add /
+ * round loop above is bound by its instruction count (about 20 GB/s even from L1), and this
+ * sum is the combine's last step. 16 elements per step: widen to fp32 by interleaving zero
+ * halves, add the sources in d order, round to nearest even with the canonical NaN, narrow.
+ * The sums and their order are those of gather_sum_BF16, so both give the same bits. */
+#define AVX2 __attribute__((target("avx2")))
+
+AVX2 static inline __m256i round_bf16(__m256 f) {
+  const __m256i s = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(s, 16), _mm256_set1_epi32(1));
+  const __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(s, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+}
+
+AVX2 static void gather_sum_bf16_avx2(char *out, uint64_t n, int64_t nsrc,
+                                      const void *const *bases, const int64_t *rows,
+                                      uint64_t hidden) {
+  const char *s[MOE_MAX_SOURCES];
+  const uint64_t row = hidden * 2;
+  const __m256i zero = _mm256_setzero_si256();
+  for (uint64_t r = 0; r < n; ++r) {
+    const int64_t *rr = rows + r * (uint64_t)nsrc;
+    int ns = 0;
+    for (int64_t d = 0; d < nsrc; ++d)
+      if (rr[d] >= 0) s[ns++] = (const char *)bases[d] + (uint64_t)rr[d] * row;
+    char *o = out + r * row;
+    if (ns < 2) {
+      if (ns) memcpy(o, s[0], row);
+      else memset(o, 0, row);
+      continue;
+    }
+    uint64_t i = 0;
+    for (; i + 16 <= hidden; i += 16) {
+      /* Unpacking within 128-bit lanes and packing back within them keeps the order. */
+      __m256i v = _mm256_loadu_si256((const __m256i *)(s[0] + 2 * i));
+      __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+      __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+      for (int p = 1; p < ns; ++p) {
+        v = _mm256_loadu_si256((const __m256i *)(s[p] + 2 * i));
+        lo = _mm256_add_ps(lo, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)));
+        hi = _mm256_add_ps(hi, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)));
+      }
+      _mm256_storeu_si256((__m256i *)(o + 2 * i),
+                          _mm256_packus_epi32(round_bf16(lo), round_bf16(hi)));
+    }
+    for (; i < hidden; ++i) {
+      float acc = MOE_LOAD_BF16(s[0], i);
+      for (int p = 1; p < ns; ++p) acc += MOE_LOAD_BF16(s[p], i);
+      MOE_STORE_BF16(o, i, acc);
+    }
+  }
+}
+#undef AVX2
+#endif
+
 static size_t dtype_size(int dtype) {
   switch (dtype) {
     case MOE_F32: return 4;
@@ -155,6 +218,12 @@ int moe_gather_sum(const moe_gather_args *a) {
       return MOE_ERR_BOUNDS;
     }
   }
+#ifdef MOE_BF16_AVX2
+  if (dtype == MOE_BF16 && __builtin_cpu_supports("avx2")) {
+    gather_sum_bf16_avx2((char *)out, n, nsrc, bases, rows, hidden);
+    return MOE_OK;
+  }
+#endif
   switch (dtype) {
 #define CASE(CODE, SUF, ACC)                                                                     \
   case CODE:                                                                                    \
