@@ -2,7 +2,8 @@
 
 * TOKEN results are the receiver's shared block, read in place; two results per handle stay
   live (two micro-batches in flight); a third dispatch retires the oldest, and combining that
-  one raises on every rank while the live ones still combine correctly.
+  one raises on every rank while the live ones still combine correctly. Consecutive round
+  trips reuse one buffer half; a dispatch with a result live takes the other.
 * The EXPERT_PACKED layout moves the same rows as `alltoallv` and gives the same outputs.
 * Large rows (H = 4096 bf16, hundreds of tokens), fp16 and fp64.
 * A handle's capacity: exceeded with an explicit handle it is the caller's error on every
@@ -88,6 +89,25 @@ def _in_place_and_live_results(info) -> list[str]:
             mgr.combine(apply_experts(results[0], lambda e, q: q), results[0])
         assert run(results[1], batches[1]) < 1e-5 and run(results[2], batches[2]) < 1e-5
         notes.append("retired")
+
+        # Round trip after round trip reuses one buffer half (its lines stay in the caches);
+        # with a result live the next dispatch takes the other half; combines interleaved
+        # with dispatches stay exact.
+        def dispatch(b):
+            xs, ws, ids, _ = batches[b]
+            return mgr.dispatch(xs[r], ws[r], ids[r], handle=handle)
+
+        trip = dispatch(0)
+        assert run(trip, batches[0]) < 1e-5
+        a = dispatch(1)
+        assert a.x.data_ptr() == trip.x.data_ptr()
+        b = dispatch(2)  # a is live
+        assert b.x.data_ptr() != a.x.data_ptr()
+        assert run(a, batches[1]) < 1e-5
+        c = dispatch(0)  # b is live: a's half again
+        assert c.x.data_ptr() == a.x.data_ptr()
+        assert run(c, batches[0]) < 1e-5 and run(b, batches[2]) < 1e-5
+        notes.append("halves")
     finally:
         mgr.destroy()
         group.destroy()
@@ -97,7 +117,7 @@ def _in_place_and_live_results(info) -> list[str]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_results_in_place_two_live_and_retired(dist_pool, world):
     results = dist_pool(world).run(_in_place_and_live_results, timeout=120)
-    assert all(notes == ["in place", "two live", "retired"] for notes in results)
+    assert all(notes == ["in place", "two live", "retired", "halves"] for notes in results)
 
 
 def _same_as_alltoallv(info) -> list[float]:

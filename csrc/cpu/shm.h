@@ -29,7 +29,7 @@
 
 #define SHM_MAX_RANKS 64
 #define SHM_MAGIC 0x3170656d6f65ULL /* identifies an initialised moe_ep segment */
-#define SHM_ABI_VERSION 5u
+#define SHM_ABI_VERSION 6u
 #define SHM_ERR_LEN 512
 
 enum shm_dtype { SHM_F32 = 0, SHM_BF16 = 1, SHM_F16 = 2, SHM_BYTES = 3 };

@@ -13,6 +13,7 @@
 typedef struct {
   int used;
   uint64_t pending_done; /* seq + 1 of a combine whose DONE is not published yet, or 0 */
+  uint32_t pending_half; /* ... and its half */
   shm_ep_geometry g;
   char *base;
   uint64_t half_bytes;
@@ -131,8 +132,10 @@ void *shm_ep_region(shm_ep *ep, int slot, int receiver, int half, int which) {
 
 /* ---- calls and mismatch detection ---- */
 
-static inline uint64_t cur_word(uint64_t call, int slot, uint64_t op, uint64_t seq) {
-  return (call << 32) | ((uint64_t)slot << 27) | (op << 24) | (seq & 0xffffffu);
+static inline uint64_t cur_word(uint64_t call, int slot, uint64_t op, uint64_t seq,
+                                uint32_t half) {
+  return (call << 32) | ((uint64_t)slot << 27) | (op << 24) | ((uint64_t)(half & 1u) << 23) |
+         (seq & 0x7fffffu);
 }
 
 static inline uint64_t cur_op(uint64_t c) { return (c >> 24) & 7u; }
@@ -140,8 +143,9 @@ static inline uint64_t cur_op(uint64_t c) { return (c >> 24) & 7u; }
 static void describe(uint64_t c, char *buf, size_t n) {
   const uint64_t op = cur_op(c);
   if (op == SHM_EP_OP_DISPATCH || op == SHM_EP_OP_COMBINE)
-    snprintf(buf, n, "%s on handle slot %llu, dispatch #%llu (call %llu)", op_name(op),
-             (unsigned long long)((c >> 27) & 31u), (unsigned long long)(c & 0xffffffu),
+    snprintf(buf, n, "%s on handle slot %llu, dispatch #%llu in buffer half %llu (call %llu)",
+             op_name(op), (unsigned long long)((c >> 27) & 31u),
+             (unsigned long long)(c & 0x7fffffu), (unsigned long long)((c >> 23) & 1u),
              (unsigned long long)(c >> 32));
   else
     snprintf(buf, n, "%s (call %llu)", op_name(op), (unsigned long long)(c >> 32));
@@ -184,11 +188,10 @@ static int wait_peer(shm_ep *ep, int peer, _Atomic uint32_t *word, uint32_t targ
                              check_peer, &w);
 }
 
-/* Wait for stamp `which` of half `target - 1`'s parity to reach `target` on every peer. */
-static int wait_all(shm_ep *ep, int slot, int which, uint32_t target, uint64_t mine,
-                    const char *what) {
+/* Wait for stamp `which` of `half` to reach `target` on every peer. */
+static int wait_all(shm_ep *ep, int slot, int which, uint32_t half, uint32_t target,
+                    uint64_t mine, const char *what) {
   shm_handle *h = ep->h;
-  const uint32_t half = (target - 1u) & 1u;
   for (int p = 0; p < h->world; ++p) {
     if (p == h->rank) continue;
     _Atomic uint32_t *word = &slot_ctl(ep, p, slot)->stamp[which][half];
@@ -197,10 +200,10 @@ static int wait_all(shm_ep *ep, int slot, int which, uint32_t target, uint64_t m
   return 0;
 }
 
-/* Publish stamp `which` = seq + 1 in seq's half. */
-static inline void publish(shm_ep *ep, int slot, int which, uint64_t seq) {
+/* Publish stamp `which` = seq + 1 in `half` (the half dispatch seq used). */
+static inline void publish(shm_ep *ep, int slot, int which, uint32_t half, uint64_t seq) {
   shm_ep_slot_ctl *me = slot_ctl(ep, ep->h->rank, slot);
-  _Atomic uint32_t *word = &me->stamp[which][seq & 1u];
+  _Atomic uint32_t *word = &me->stamp[which][half & 1u];
   const uint32_t value = (uint32_t)seq + 1u;
   /* Stamps only move forward (a retired or failed call may already have set a later one). */
   if (!shm_stamp_ge(atomic_load_explicit(word, memory_order_relaxed), value))
@@ -231,22 +234,23 @@ static ep_slot *usable_slot(shm_ep *ep, int slot) {
 
 static void publish_pending_done(shm_ep *ep, int slot, ep_slot *L) {
   if (L->pending_done) {
-    publish(ep, slot, SHM_EP_DONE, L->pending_done - 1u);
+    publish(ep, slot, SHM_EP_DONE, L->pending_half, L->pending_done - 1u);
     L->pending_done = 0;
   }
 }
 
-int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq) {
+int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq, uint32_t half) {
   if (!usable_slot(ep, slot)) return -1;
-  publish(ep, slot, SHM_EP_DATA, seq);
-  publish(ep, slot, SHM_EP_OUT, seq);
-  publish(ep, slot, SHM_EP_DONE, seq);
+  if (half > 1u) return shm_fail(ep->h, SHM_FAIL_ARG, "EP retire: half %u outside [0, 2)", half);
+  publish(ep, slot, SHM_EP_DATA, half, seq);
+  publish(ep, slot, SHM_EP_OUT, half, seq);
+  publish(ep, slot, SHM_EP_DONE, half, seq);
   return 0;
 }
 
 void shm_ep_post_destroyed(shm_ep *ep, uint64_t call) {
   atomic_store_explicit(&ep->ranks[ep->h->rank].cur,
-                        cur_word(call, 0, SHM_EP_OP_DESTROYED, 0), memory_order_release);
+                        cur_word(call, 0, SHM_EP_OP_DESTROYED, 0, 0), memory_order_release);
 }
 
 static void post_cur(shm_ep *ep, uint64_t c) {
@@ -258,8 +262,12 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
   ep_slot *L = usable_slot(ep, slot);
   if (!L) return -1;
   const int W = h->world, me = h->rank;
-  const uint32_t q = (uint32_t)a->seq, b = q & 1u;
-  const uint64_t mine = cur_word(a->call, slot, SHM_EP_OP_DISPATCH, a->seq);
+  const uint32_t q = (uint32_t)a->seq, b = (uint32_t)a->half;
+  if (a->half > 1u || a->prev_seq >= (int64_t)a->seq)
+    return shm_fail(h, SHM_FAIL_ARG, "EP dispatch #%llu: half %llu / previous user #%lld",
+                    (unsigned long long)a->seq, (unsigned long long)a->half,
+                    (long long)a->prev_seq);
+  const uint64_t mine = cur_word(a->call, slot, SHM_EP_OP_DISPATCH, a->seq, b);
   const shm_ep_geometry *g = &L->g;
   if (!a->err) {
     if ((uint64_t)a->ntok > g->cap)
@@ -271,8 +279,9 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
                         (long long)a->send_counts[d], d);
   }
   post_cur(ep, mine);
-  /* 1. Half b was last used by dispatch q - 2: wait until every rank has read its outputs. */
-  if (q >= 2 && wait_all(ep, slot, SHM_EP_DONE, q - 1u, mine, "dispatch (previous combine)"))
+  /* 1. Half b was last used by dispatch prev_seq: wait until every rank has read its outputs. */
+  if (a->prev_seq >= 0 && wait_all(ep, slot, SHM_EP_DONE, b, (uint32_t)a->prev_seq + 1u, mine,
+                                   "dispatch (previous combine)"))
     return -1;
   /* 2. The one small exchange: counts, error, identity. */
   shm_ep_slot_ctl *my = slot_ctl(ep, me, slot);
@@ -281,8 +290,8 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
   hd->err = a->err;
   hd->ntok = a->err ? 0 : a->ntok;
   for (int d = 0; d < W; ++d) hd->counts[d] = a->err ? 0 : a->send_counts[d];
-  publish(ep, slot, SHM_EP_COUNTS, a->seq);
-  if (wait_all(ep, slot, SHM_EP_COUNTS, q + 1u, mine, "dispatch")) return -1;
+  publish(ep, slot, SHM_EP_COUNTS, b, a->seq);
+  if (wait_all(ep, slot, SHM_EP_COUNTS, b, q + 1u, mine, "dispatch")) return -1;
   int remote = 0;
   for (int p = 0; p < W; ++p) {
     const shm_ep_hdr *o = &slot_ctl(ep, p, slot)->dh[b];
@@ -294,7 +303,7 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
     remote |= o->err != 0;
   }
   if (remote) {
-    shm_ep_retire(ep, slot, a->seq);
+    shm_ep_retire(ep, slot, a->seq, b);
     return SHM_EP_REMOTE;
   }
   /* 3. The transfer: my chunk at destination d starts after the lower sources' chunks. */
@@ -330,8 +339,8 @@ int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a) {
       if (copy_scales) memcpy(sr[d] + (uint64_t)r * sb, a->scales + (uint64_t)t * sb, sb);
     }
   }
-  publish(ep, slot, SHM_EP_DATA, a->seq);
-  if (wait_all(ep, slot, SHM_EP_DATA, q + 1u, mine, "dispatch (rows)")) return -1;
+  publish(ep, slot, SHM_EP_DATA, b, a->seq);
+  if (wait_all(ep, slot, SHM_EP_DATA, b, q + 1u, mine, "dispatch (rows)")) return -1;
   /* What the receiver's experts need first: (row, slot) pairs per local expert. */
   const int64_t *ids = (const int64_t *)region(L, me, (int)b, 1);
   for (uint64_t e = 0; e < g->num_local; ++e) a->tokens_per_expert[e] = 0;
@@ -350,8 +359,11 @@ int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
   ep_slot *L = usable_slot(ep, slot);
   if (!L) return -1;
   const int W = h->world, me = h->rank;
-  const uint32_t q = (uint32_t)a->seq, b = q & 1u;
-  const uint64_t mine = cur_word(a->call, slot, SHM_EP_OP_COMBINE, a->seq);
+  const uint32_t q = (uint32_t)a->seq, b = (uint32_t)a->half;
+  if (a->half > 1u)
+    return shm_fail(h, SHM_FAIL_ARG, "EP combine: half %llu outside [0, 2)",
+                    (unsigned long long)a->half);
+  const uint64_t mine = cur_word(a->call, slot, SHM_EP_OP_COMBINE, a->seq, b);
   post_cur(ep, mine);
   shm_ep_slot_ctl *my = slot_ctl(ep, me, slot);
   my->cerr[b] = a->err;
@@ -367,15 +379,15 @@ int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
       off += n;
     }
   }
-  publish(ep, slot, SHM_EP_OUT, a->seq);
-  if (wait_all(ep, slot, SHM_EP_OUT, q + 1u, mine, "combine")) return -1;
+  publish(ep, slot, SHM_EP_OUT, b, a->seq);
+  if (wait_all(ep, slot, SHM_EP_OUT, b, q + 1u, mine, "combine")) return -1;
   int remote = 0;
   for (int p = 0; p < W; ++p) {
     a->peer_err[p] = slot_ctl(ep, p, slot)->cerr[b];
     remote |= a->peer_err[p] != 0;
   }
   if (remote) {
-    publish(ep, slot, SHM_EP_DONE, a->seq);
+    publish(ep, slot, SHM_EP_DONE, b, a->seq);
     return SHM_EP_REMOTE;
   }
   const uint64_t orb = L->g.out_row_bytes;
@@ -384,6 +396,7 @@ int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a) {
     a->bases[d] = base + (uint64_t)chunk_offset(ep, slot, b, d) * orb;
   }
   L->pending_done = a->seq + 1u; /* published by the next call, once the caller has summed */
+  L->pending_half = b;
   return 0;
 }
 
@@ -394,7 +407,7 @@ int shm_ep_agree(shm_ep *ep, uint64_t call, uint64_t seq, const int64_t *mine, i
   if (words < 1 || words > SHM_EP_AGREE_WORDS)
     return shm_fail(h, SHM_FAIL_ARG, "EP agreement of %d words outside [1, %d]", words,
                     SHM_EP_AGREE_WORDS);
-  const uint64_t c = cur_word(call, 0, SHM_EP_OP_AGREE, seq);
+  const uint64_t c = cur_word(call, 0, SHM_EP_OP_AGREE, seq, 0);
   post_cur(ep, c);
   shm_ep_rank_ctl *me = &ep->ranks[h->rank];
   /* A rank writes parity seq & 1 only after every peer published seq - 1, i.e. finished

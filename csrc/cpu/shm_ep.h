@@ -4,8 +4,9 @@
  *
  * One manager owns one moe_ep segment (shm.h) whose user region holds the control words below;
  * each per-layer handle owns a data segment (mapped by Python) registered in a slot. Per handle
- * and receiver rank r the data segment holds two halves (dispatch seq & 1, so two results can be
- * live), each:
+ * and receiver rank r the data segment holds two halves, so that two results can be live; each
+ * dispatch names its half (the caller picks the half of the previous dispatch when that one is
+ * combined, which keeps one half warm in the caches, and the other half otherwise):
  *
  *   x       [W * cap, row_bytes]      rows received by r: source 0's chunk, then source 1's, ...
  *   ids     [W * cap, k] int64        local expert of each slot, -1 elsewhere (TOKEN layout)
@@ -14,9 +15,10 @@
  *   out     [W * cap, out_row_bytes]  expert outputs written in place by r (aliases x when
  *                                     out_row_bytes == row_bytes)
  *
- * Dispatch seq q (half b = q & 1; every stamp below is half b's), one small exchange, then the
+ * Dispatch seq q in half b (every stamp below is half b's), one small exchange, then the
  * transfer:
- *   1. flow control: every rank's DONE >= q - 1 (combine q - 2 finished reading half b);
+ *   1. flow control: every rank's DONE >= p + 1, p the previous dispatch in half b (its combine
+ *      finished reading half b);
  *   2. publish dh[b] = {seq, error, tokens, rows per destination} and COUNTS = q + 1; wait for
  *      every peer's; any error => every rank returns SHM_EP_REMOTE (nothing was written);
  *   3. copy rows, ids, weights, scales to each destination at the offset the counts give
@@ -24,13 +26,13 @@
  * Combine seq q: copy the expert outputs of the other sources' rows into out (unless the caller
  * computed them there), publish cerr[b] and OUT = q + 1, wait for every peer's; the caller then
  * sums its tokens from every owner's out. DONE = q + 1 is published by this rank's next call on
- * the handle: only a peer's dispatch q + 2 waits for it, and that needs this rank's next call
- * anyway; it saves a native call per round trip.
+ * the handle: only a peer's next dispatch in half b waits for it, and that needs this rank's
+ * next call anyway; it saves a native call per round trip.
  *
- * Every rank posts `cur` = (call number, slot, op, seq) when it enters a call, so a waiting rank
- * notices at once when a peer made a different call (skipped a combine, used another handle,
- * destroyed the manager) and the group is aborted with a message naming both calls, instead of
- * waiting for the timeout. Stamps are 32-bit and compared with wrap-around arithmetic.
+ * Every rank posts `cur` = (call number, slot, op, half, seq) when it enters a call, so a waiting
+ * rank notices at once when a peer made a different call (skipped a combine, used another
+ * handle or half, destroyed the manager) and the group is aborted with a message naming both
+ * calls, instead of waiting for the timeout. Stamps are 32-bit and compared with wrap-around arithmetic.
  */
 #ifndef MOE_EP_SHM_EP_H
 #define MOE_EP_SHM_EP_H
@@ -46,7 +48,7 @@ enum { SHM_EP_OP_DISPATCH = 1, SHM_EP_OP_COMBINE = 2, SHM_EP_OP_DESTROYED = 3,
 #define SHM_EP_AGREE_WORDS 96 /* int64 words of one rank's agreement header */
 
 typedef struct {
-  _Alignas(64) _Atomic uint64_t cur; /* (call << 32) | (slot << 27) | (op << 24) | seq (24 bits) */
+  _Alignas(64) _Atomic uint64_t cur; /* call << 32 | slot << 27 | op << 24 | half << 23 | seq */
   _Atomic uint32_t waiters;          /* peers sleeping on this rank's stamps */
   _Alignas(64) _Atomic uint32_t agree_seq;         /* agreements published (seq + 1) */
   int64_t agree[2][SHM_EP_AGREE_WORDS];             /* header of agreement seq, by parity */
@@ -59,8 +61,8 @@ typedef struct {
   int64_t counts[SHM_MAX_RANKS]; /* rows for each destination */
 } shm_ep_hdr;
 
-/* Stamps, per half: a dispatch seq q and its combine use half q & 1 only, so the two live
- * results of a handle can be combined in either order; within a half, seqs only grow. */
+/* Stamps, per half: a dispatch and its combine use one half only, so the two live results of a
+ * handle can be combined in either order; within a half, seqs only grow. */
 enum { SHM_EP_COUNTS = 0, SHM_EP_DATA = 1, SHM_EP_OUT = 2, SHM_EP_DONE = 3 };
 
 typedef struct {
@@ -84,6 +86,8 @@ typedef struct shm_ep shm_ep;
 typedef struct {
   uint64_t call;              /* the manager's call number (same on every rank) */
   uint64_t seq;               /* the handle's dispatch number */
+  uint64_t half;              /* the buffer half this dispatch uses (0 or 1) */
+  int64_t prev_seq;           /* the previous dispatch that used `half` (< seq), or -1 */
   int64_t err;                /* this rank's input error code (0: none) */
   int64_t ntok;               /* tokens this rank dispatches */
   const int64_t *send_counts; /* [W] rows for each destination */
@@ -100,6 +104,7 @@ typedef struct {
 
 typedef struct {
   uint64_t call, seq;
+  uint64_t half;    /* the half of dispatch seq */
   int64_t err;
   const char *out;  /* [M, out_row_bytes] expert outputs of the rows received, or NULL on error */
   int64_t *peer_err; /* out [W] */
@@ -117,8 +122,8 @@ SHM_API int shm_ep_unregister(shm_ep *ep, int slot);
 SHM_API void *shm_ep_region(shm_ep *ep, int slot, int receiver, int half, int which);
 SHM_API int shm_ep_dispatch(shm_ep *ep, int slot, shm_ep_dispatch_args *a);
 SHM_API int shm_ep_combine(shm_ep *ep, int slot, shm_ep_combine_args *a);
-/* Mark dispatch `seq` finished without a combine (its result was retired or failed). */
-SHM_API int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq);
+/* Mark dispatch `seq` (in `half`) finished without a combine (its result was retired or failed). */
+SHM_API int shm_ep_retire(shm_ep *ep, int slot, uint64_t seq, uint32_t half);
 /* Tell the peers this rank will make no further call (they fail at once if they wait on it). */
 SHM_API void shm_ep_post_destroyed(shm_ep *ep, uint64_t call);
 /* A small all-gather of `words` int64 (<= SHM_EP_AGREE_WORDS) for call `call`: the agreement

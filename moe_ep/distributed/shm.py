@@ -62,7 +62,7 @@ __all__ = [
     "shm_send_tensor_list",
 ]
 
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _MAX_RANKS = 64
 _PAGE = 4096
 # Per rank: two halves of this size. 16 MiB tensors then take a few steps; more buys little
@@ -175,7 +175,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "shm_ep_region": (vp, [vp, i32, i32, i32, i32]),
         "shm_ep_dispatch": (i32, [vp, i32, vp]),
         "shm_ep_combine": (i32, [vp, i32, vp]),
-        "shm_ep_retire": (i32, [vp, i32, u64]),
+        "shm_ep_retire": (i32, [vp, i32, u64, ctypes.c_uint32]),
         "shm_ep_post_destroyed": (None, [vp, u64]),
         "shm_ep_agree": (i32, [vp, u64, u64, vp, i32, vp]),
         "shm_send_tensor_list": (i32, [vp, i32, i32, vp, vp, vp, u64]),

@@ -53,8 +53,9 @@ class _Geometry(ctypes.Structure):
 
 class _DispatchArgs(ctypes.Structure):
     _fields_ = [
-        ("call", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("err", ctypes.c_int64),
-        ("ntok", ctypes.c_int64), ("send_counts", ctypes.c_void_p),
+        ("call", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("half", ctypes.c_uint64),
+        ("prev_seq", ctypes.c_int64), ("err", ctypes.c_int64), ("ntok", ctypes.c_int64),
+        ("send_counts", ctypes.c_void_p),
         ("token_rows", ctypes.c_void_p), ("x", ctypes.c_void_p), ("row_ids", ctypes.c_void_p),
         ("row_weights", ctypes.c_void_p), ("scales", ctypes.c_void_p),
         ("recv_counts", ctypes.c_void_p), ("peer_err", ctypes.c_void_p),
@@ -64,8 +65,9 @@ class _DispatchArgs(ctypes.Structure):
 
 class _CombineArgs(ctypes.Structure):
     _fields_ = [
-        ("call", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("err", ctypes.c_int64),
-        ("out", ctypes.c_void_p), ("peer_err", ctypes.c_void_p), ("bases", ctypes.c_void_p),
+        ("call", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("half", ctypes.c_uint64),
+        ("err", ctypes.c_int64), ("out", ctypes.c_void_p), ("peer_err", ctypes.c_void_p),
+        ("bases", ctypes.c_void_p),
     ]
 
 
@@ -245,6 +247,9 @@ class ShmExchangeBuffer:
         self.nbytes = nbytes
         self.destroyed = False
         self._received_views: dict[tuple[int, int], tuple] = {}
+        #: per half, the last dispatch that used it (-1: none yet); the next one waits for its
+        #: combine to be read everywhere.
+        self._last_in_half = [-1, -1]
 
     def received(self, half: int, rows: int) -> tuple:
         """`(x, ids, weights, scales)` of half `half`'s first `rows` received rows (views).
@@ -269,16 +274,19 @@ class ShmExchangeBuffer:
     def _view(self, receiver: int, half: int, which: int, nbytes: int) -> torch.Tensor:
         return self._buf.view(self._region(receiver, half, which) - self._buf.address, nbytes)
 
-    def dispatch(self, call: int, seq: int, err: int, x: torch.Tensor | None,
+    def dispatch(self, call: int, seq: int, half: int, err: int, x: torch.Tensor | None,
                  planner, scales: torch.Tensor | None) -> int:
         """Move this rank's planned rows (`planner`: a `moe_ep.kernels.DispatchPlanner` that
-        planned `x`'s tokens) into the receivers' half `seq & 1`; `err` != 0 posts an input
-        error instead. Returns the rows received (views: `x[seq & 1][:rows]`, ...), or
-        `REMOTE_ERROR` when some rank posted an error (`peer_errors()` says which). Raises
-        ShmError when the exchange fails."""
+        planned `x`'s tokens) into the receivers' half `half` (0 or 1; every rank must pass
+        the same, else the exchange fails as a mismatch); `err` != 0 posts an input error
+        instead. Returns the rows received (views: `x[half][:rows]`, ...), or `REMOTE_ERROR`
+        when some rank posted an error (`peer_errors()` says which). Raises ShmError when the
+        exchange fails."""
         a = self._dargs
-        a.call, a.seq, a.err = call, seq, err
-        a.tokens_per_expert = self._tpe_ptr[seq & 1]
+        a.call, a.seq, a.half, a.err = call, seq, half, err
+        a.prev_seq = self._last_in_half[half]
+        self._last_in_half[half] = seq
+        a.tokens_per_expert = self._tpe_ptr[half]
         if not err:
             a.ntok = x.shape[0]
             a.x = x.data_ptr()
@@ -296,21 +304,22 @@ class ShmExchangeBuffer:
         """The error code each rank posted in the last dispatch or combine."""
         return tuple(self._perr)
 
-    def combine(self, call: int, seq: int, err: int, out: torch.Tensor | None) -> int:
+    def combine(self, call: int, seq: int, half: int, err: int, out: torch.Tensor | None
+                ) -> int:
         """Post this rank's expert outputs (`out`, the rows it received in order, or None with
         `err` != 0) and wait for every owner's. Returns 0 (then `bases` holds where this rank's
         rows' outputs are at each owner) or `REMOTE_ERROR` (`peer_errors()`)."""
         a = self._cargs
-        a.call, a.seq, a.err = call, seq, err
+        a.call, a.seq, a.half, a.err = call, seq, half, err
         a.out = out.data_ptr() if out is not None else None
         rc = self._lib.shm_ep_combine(self._x._ep, self.slot, self._cref)
         if rc < 0:
             raise self._x.fail()
         return REMOTE_ERROR if rc == _REMOTE else 0
 
-    def retire(self, seq: int) -> None:
-        """Dispatch `seq` will never be combined (its result was dropped)."""
-        if self._lib.shm_ep_retire(self._x._ep, self.slot, seq):
+    def retire(self, seq: int, half: int) -> None:
+        """Dispatch `seq` (in `half`) will never be combined (its result was dropped)."""
+        if self._lib.shm_ep_retire(self._x._ep, self.slot, seq, half):
             raise self._x.fail()
 
     def destroy(self) -> None:

@@ -261,8 +261,9 @@ class DispatchResult:
             combine applies it, so the experts must not). EXPERT_PADDED: None.
         tokens_per_expert: `[E_local] int64`, (token, local expert) pairs per local expert.
         handle: the backend's `CombineState` (identity of the dispatch).
-    Some backends (`shm`) return views of the handle's buffers: they stay valid until the
-    handle's second next dispatch (two live results per handle); `combine` consumes a result.
+    Some backends (`shm`) return views of the handle's buffers: a result not yet combined
+    stays valid until the handle's second next dispatch (two live results per handle);
+    `combine` consumes a result, and the next dispatch may reuse its buffers.
     `x` never aliases the caller's input, so the experts step may overwrite it: writing its
     output into `x` (when it has x's shape and the combine dtype) and passing `x` to
     `combine` saves a copy (`shm` then moves nothing in the combine's own block).

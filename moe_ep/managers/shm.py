@@ -24,8 +24,10 @@ Layouts (option `layout`):
 
 TOKEN is what reaches the memory-bandwidth floor: a token crosses to each destination once and
 is never replicated per expert. Results are views of the handle's buffers: valid until the
-handle's second next dispatch (a third dispatch retires the oldest result; combining it then
-raises on every rank). All sums accumulate in fp32 (fp64 for fp64) and round once.
+handle's second next dispatch, or its next one once combined (a dispatch reuses the half of a
+combined result, so that a layer's round trips keep one half warm in the caches; a third
+dispatch retires the oldest result, and combining it then raises on every rank). All sums
+accumulate in fp32 (fp64 for fp64) and round once.
 
 Bytes per token a rank writes for other ranks: those of deduplicated `alltoallv`
 (`d (B + 8K)` dispatch, `d B` combine), plus one control line per call.
@@ -66,7 +68,7 @@ class ShmHandle(EPHandle):
     Attributes:
         buffer: the `ShmExchangeBuffer` (None with one rank; it also holds the received
         `tokens_per_expert` per half); planners: per half b, the `DispatchPlanner` of the
-        dispatch using half b.
+        dispatch using half b; half_of: the half of each live result's dispatch.
     """
 
     def __init__(self, manager: ShmAll2AllManager, spec: EPSpec, index: int) -> None:
@@ -78,6 +80,8 @@ class ShmHandle(EPHandle):
                                     manager.world_size, spec.topk, spec.max_tokens_per_rank)
             for _ in range(2)
         ]
+        self.half_of: dict[int, int] = {}
+        self._last_half = 0
         self.buffer = None
         if manager.world_size > 1:
             from moe_ep.distributed.shm_exchange import ExchangeGeometry
@@ -93,6 +97,16 @@ class ShmHandle(EPHandle):
                         self.buffer.nbytes / 2**20, spec.max_tokens_per_rank, spec.hidden,
                         str(spec.dtype).removeprefix("torch."))
 
+    def pick_half(self) -> int:
+        """The buffer half of the next dispatch (the caller has retired down to one live
+        result): the half of the last dispatch when nothing is live, so that a layer called
+        round trip after round trip keeps one half warm in the caches instead of two, and the
+        other half than the live result's otherwise. The same on every rank, since it depends
+        only on the sequence of calls."""
+        half = self._last_half if not self.live else 1 - self.half_of[self.live[0]]
+        self._last_half = half
+        return half
+
     def _release(self) -> None:
         if self.buffer is not None:
             self.buffer.destroy()
@@ -103,9 +117,11 @@ class ShmState(CombineState):
     """What the combine needs (backend-private).
 
     Attributes:
-        received: M, rows of this rank's block; packed: the EXPERT_PACKED regrouping, or None.
+        half: the buffer half the dispatch used; received: M, rows of this rank's block;
+        packed: the EXPERT_PACKED regrouping, or None.
     """
 
+    half: int = 0
     received: int = 0
     packed: Any = None
 
@@ -223,7 +239,17 @@ class ShmAll2AllManager(All2AllManager):
             self._fail_unrouted(error or RuntimeError("dispatch: no usable handle"))
         seq = handle.dispatches
         handle.dispatches += 1
-        half = seq & 1
+        # A third live result would overwrite a half: retire the oldest (it becomes stale).
+        while len(handle.live) >= self.max_live_results:
+            old = handle.live.pop(0)
+            old_half = handle.half_of.pop(old)
+            if handle.buffer is not None:
+                try:
+                    handle.buffer.retire(old, old_half)
+                except Exception as exc:
+                    self._transport_failed(exc)
+                    raise
+        half = handle.pick_half()
         planner = handle.planners[half]
         if error is None:
             try:
@@ -233,34 +259,34 @@ class ShmAll2AllManager(All2AllManager):
         if self.world_size == 1:
             if error is not None:
                 raise error
-            return self._dispatch_local(call, seq, handle, checked, planner)
-        # A third live result would overwrite this half: retire the oldest (it becomes stale).
-        while len(handle.live) >= self.max_live_results:
-            handle.buffer.retire(handle.live.pop(0))
+            return self._dispatch_local(call, seq, half, handle, checked, planner)
         code = protocol.error_code(error)
         buf = handle.buffer
         try:
-            received = buf.dispatch(call, seq, code, checked.x if code == 0 else None, planner,
-                                    checked.x_scales if code == 0 else None)
+            received = buf.dispatch(call, seq, half, code, checked.x if code == 0 else None,
+                                    planner, checked.x_scales if code == 0 else None)
         except Exception as exc:
             self._transport_failed(exc)
             raise
         if received < 0 or error is not None:
             protocol.raise_for_errors(self, "dispatch", buf.peer_errors(), error)
         handle.live.append(seq)
+        handle.half_of[seq] = half
         self._sent = (handle, half)
-        state = ShmState(self, handle, call, seq, checked.num_tokens, (received,),
+        state = ShmState(self, handle, call, seq, checked.num_tokens, (received,), half=half,
                          received=received)
         return self._result(state, *buf.received(half, received), buf.tokens_per_expert[half])
 
-    def _dispatch_local(self, call: int, seq: int, handle: ShmHandle, checked: CheckedInputs,
-                        planner: kernels.DispatchPlanner) -> DispatchResult:
+    def _dispatch_local(self, call: int, seq: int, half: int, handle: ShmHandle,
+                        checked: CheckedInputs, planner: kernels.DispatchPlanner
+                        ) -> DispatchResult:
         """One rank: the rows are the tokens with an expert (copies, nothing to exchange)."""
         handle.live.append(seq)
-        del handle.live[: -self.max_live_results]
+        handle.half_of[seq] = half
         m = int(planner.send_counts[0])
         rows = planner.send_token[:m]
-        state = ShmState(self, handle, call, seq, checked.num_tokens, (m,), received=m)
+        state = ShmState(self, handle, call, seq, checked.num_tokens, (m,), half=half,
+                         received=m)
         scales = None if checked.x_scales is None else checked.x_scales.index_select(0, rows)
         row_ids = planner.row_ids[:m].clone()
         return self._result(state, checked.x.index_select(0, rows), row_ids,
@@ -296,13 +322,14 @@ class ShmAll2AllManager(All2AllManager):
             # see the mismatch at once and abort) but wait for nobody; when every rank passes
             # the same stale result they all just raise, and the live results stay usable.
             try:
-                handle.buffer.combine(call, state.seq, code, None)
+                handle.buffer.combine(call, state.seq, state.half, code, None)
             except Exception as exc:
                 self._transport_failed(exc)
                 raise
             raise error
         self._finish(state)
-        half = state.seq & 1
+        handle.half_of.pop(state.seq, None)
+        half = state.half
         if self.world_size == 1:
             if error is not None:
                 raise error
@@ -320,7 +347,7 @@ class ShmAll2AllManager(All2AllManager):
                 out = block
         buf = handle.buffer
         try:
-            rc = buf.combine(call, state.seq, code, out)
+            rc = buf.combine(call, state.seq, half, code, out)
         except Exception as exc:
             self._transport_failed(exc)
             raise
@@ -333,7 +360,7 @@ class ShmAll2AllManager(All2AllManager):
                      bases) -> torch.Tensor:
         """`[N, H]`: each token's rows summed from the owners (`bases`, the transport's
         addresses; None with one rank: the rows are `out` itself)."""
-        planner = handle.planners[state.seq & 1]
+        planner = handle.planners[state.half]
         spec = handle.spec
         if bases is None:
             if self.layout is Layout.EXPERT_PACKED:
@@ -367,7 +394,7 @@ class ShmAll2AllManager(All2AllManager):
         handle, state = self._returned
         spec = handle.spec
         # The other sources' rows: all received rows but this rank's own.
-        own = int(handle.planners[state.seq & 1].send_counts[self.rank])
+        own = int(handle.planners[state.half].send_counts[self.rank])
         counter = self._new_counter()
         counter.header_exchange(8)
         es = spec.combine_dtype.itemsize
