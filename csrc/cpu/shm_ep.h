@@ -32,7 +32,8 @@
  * Every rank posts `cur` = (call number, slot, op, half, seq) when it enters a call, so a waiting
  * rank notices at once when a peer made a different call (skipped a combine, used another
  * handle or half, destroyed the manager) and the group is aborted with a message naming both
- * calls, instead of waiting for the timeout. Stamps are 32-bit and compared with wrap-around arithmetic.
+ * calls, instead of waiting for the timeout. Stamps are 32-bit and compared with wrap-around
+ * arithmetic.
  */
 #ifndef MOE_EP_SHM_EP_H
 #define MOE_EP_SHM_EP_H
