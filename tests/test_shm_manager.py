@@ -120,6 +120,40 @@ def test_results_in_place_two_live_and_retired(dist_pool, world):
     assert all(notes == ["in place", "two live", "retired", "halves"] for notes in results)
 
 
+def _halves_disagree(info) -> tuple[str, str, float]:
+    """The half is chosen from the sequence of calls alone; if the ranks' choices ever differed
+    (simulated: the last rank flips its record), the dispatch fails on every rank as a
+    mismatch instead of writing into a half its peers do not read."""
+    group = _group(info)
+    r, world = info.rank, info.world_size
+    mgr = build_manager("shm", group)
+    try:
+        spec = EPSpec(hidden=16, num_experts=8, topk=2, max_tokens_per_rank=8,
+                      dtype=torch.float32)
+        handle = mgr.get_handle(spec)
+        xs, ws, ids, _ = _inputs(r, world, 4, 16, 8, 2, torch.float32, 3)
+        res = mgr.dispatch(xs[r], ws[r], ids[r], handle=handle)
+        mgr.combine(res.x, res)
+        if r == world - 1:
+            handle._last_half ^= 1
+        group.barrier()
+        start = time.monotonic()
+        try:
+            mgr.dispatch(xs[r], ws[r], ids[r], handle=handle)
+            return "none", "", time.monotonic() - start
+        except Exception as exc:  # noqa: BLE001 - the outcome is the result
+            return type(exc).__name__, str(exc), time.monotonic() - start
+    finally:
+        mgr.destroy()
+        group.destroy()
+
+
+def test_ranks_that_pick_different_halves_fail_as_a_mismatch(dist_pool):
+    for kind, message, elapsed in dist_pool(2).run(_halves_disagree, timeout=120):
+        assert kind in ("CallMismatchError", "ShmError"), (kind, message)
+        assert "buffer half" in message and elapsed < 5, (message, elapsed)
+
+
 def _same_as_alltoallv(info) -> list[float]:
     """Far more rows than one step of the collectives holds: packed shm moves exactly the rows
     of alltoallv, and both layouts give alltoallv's output."""
