@@ -99,10 +99,10 @@ class ShmHandle(EPHandle):
 
     def pick_half(self) -> int:
         """The buffer half of the next dispatch (the caller has retired down to one live
-        result): the half of the last dispatch when nothing is live, so that a layer called
-        round trip after round trip keeps one half warm in the caches instead of two, and the
-        other half than the live result's otherwise. The same on every rank, since it depends
-        only on the sequence of calls."""
+        result): the last dispatch's half when nothing is live, so that a layer called round
+        trip after round trip keeps one half warm in the caches instead of two; otherwise the
+        half the live result does not use. The same on every rank, since it depends only on
+        the sequence of calls."""
         half = self._last_half if not self.live else 1 - self.half_of[self.live[0]]
         self._last_half = half
         return half
