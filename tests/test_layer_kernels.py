@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_ep import kernels
 from moe_ep.layer import DispatchQuant, dequantize, fused_experts, quantize, route
 from moe_ep.managers import DispatchResult, Layout, apply_experts
 from moe_ep.testing import reference_routing
@@ -253,3 +255,41 @@ def test_fused_experts_rejects_mismatched_weights():
     for bad in (torch.empty(4, H, dtype=torch.bfloat16), torch.empty(3, H), torch.empty(H, 4).T):
         with pytest.raises(ValueError, match=r"out must be a torch.float32 \[4, "):
             fused_experts(res, w13, w2, out=bad)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 1024), (2, 5, 13), (3, 1024, 64), (7, 4100, 64),
+                                   (64, 130, 1000)])
+def test_small_linear_matches_a_float64_product(m, n, k):
+    # Blocks of 3 x 4 dot products, the row, column and K tails, against float64.
+    gen = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    with _one_thread():
+        y = kernels.small_linear(x, w)
+        out = torch.full((m, n), float("nan"))
+        assert kernels.small_linear(x, w, out) is out
+    if y is None:
+        pytest.skip("this CPU lacks AVX2 + FMA: small_linear declines, torch is used")
+    ref = x.double() @ w.double().t()
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(out, y)
+
+
+def test_small_linear_declines_what_it_does_not_cover():
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    with _one_thread():
+        assert kernels.small_linear(x.double(), w.double()) is None  # fp32 only
+        assert kernels.small_linear(x.t().contiguous().t(), w) is None  # strided rows
+        assert kernels.small_linear(torch.randn(65, 16), w) is None  # too many rows
+        assert kernels.small_linear(torch.randn(0, 16), w) is None
+        assert kernels.small_linear(x, w, torch.empty(4, 9)) is None  # wrong out shape
+        assert kernels.small_linear(x.requires_grad_(), w) is None  # autograd stays torch's
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

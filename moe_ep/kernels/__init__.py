@@ -17,6 +17,7 @@ from moe_ep.kernels.native import (
     packed_layout,
     plan_dispatch,
     segment_sum,
+    small_linear,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "packed_layout",
     "plan_dispatch",
     "segment_sum",
+    "small_linear",
 ]

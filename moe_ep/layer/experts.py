@@ -38,6 +38,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from moe_ep import kernels
 from moe_ep.layer.quant import FP8_DTYPE, DispatchQuant
 from moe_ep.managers import DispatchResult, Layout, planning
 from moe_ep.managers.expert_ops import segment_sum
@@ -79,10 +80,16 @@ def expert_mlp(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype),
-    into ``out [n, H]`` when given (no autograd then, as for any ``out=``)."""
-    gate_up = F.linear(rows, w13)
+    into ``out [n, H]`` when given (no autograd then, as for any ``out=``). A few fp32 rows on
+    the CPU go through `moe_ep.kernels.small_linear` (2-3x torch's matmul there)."""
+    gate_up = kernels.small_linear(rows, w13)
+    if gate_up is None:
+        gate_up = F.linear(rows, w13)
     inter = w13.shape[0] // 2
     inner = ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:]
+    y = kernels.small_linear(inner, w2, out)
+    if y is not None:
+        return y
     return F.linear(inner, w2) if out is None else torch.mm(inner, w2.t(), out=out)
 
 

@@ -8,6 +8,8 @@
  *   reduce.c       moe_segment_sum     out[j] = sum_t w[t] src[rows[t]] over CSR segments
  *                  moe_gather_sum      out[n] = sum_d base_d[rows[n, d]] (the combine's last step)
  *                  moe_gather_rows     out[i] = src[rows[i]] (bytes)
+ *   gemm.c         moe_linear_nt       out = x @ w^T in fp32 for few rows of x (an expert's
+ *                                      share of a small batch)
  *
  * Every kernel validates the indices it dereferences before it writes anything and returns a
  * negative code with the offending position instead of reading out of bounds. Loaded with
@@ -19,7 +21,7 @@
 
 #include <stdint.h>
 
-#define MOE_KERNELS_ABI 2u
+#define MOE_KERNELS_ABI 3u
 #define MOE_API __attribute__((visibility("default")))
 
 enum {
@@ -95,6 +97,11 @@ typedef struct {
 } moe_gather_args;
 
 MOE_API int moe_gather_sum(const moe_gather_args *a);
+
+/* out [m, n] = x [m, k] @ w [n, k]^T, fp32, all row-major and contiguous (the caller checks
+ * shapes). MOE_ERR_DTYPE when this CPU lacks AVX2 + FMA (use another kernel then). */
+MOE_API int moe_linear_nt(float *out, const float *x, const float *w, uint64_t m, uint64_t n,
+                          uint64_t k);
 
 /* out[i] = src[rows[i]] for i < n, rows of row_bytes bytes; rows in [0, src_rows). */
 MOE_API int moe_gather_rows(void *out, const void *src, const int64_t *rows, uint64_t n,
