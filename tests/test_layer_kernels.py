@@ -274,9 +274,12 @@ def test_small_linear_matches_a_float64_product(m, n, k):
     assert torch.equal(out, y)
 
 
-def test_small_linear_declines_what_it_does_not_cover():
+def test_small_linear_declines_what_it_does_not_cover(monkeypatch):
     x, w = torch.randn(4, 16), torch.randn(8, 16)
     with _one_thread():
+        with monkeypatch.context() as patch:  # an install without the native kernels
+            patch.setattr("moe_ep.kernels.native._load", lambda: (None, "not built"))
+            assert kernels.small_linear(x, w) is None
         assert kernels.small_linear(x.double(), w.double()) is None  # fp32 only
         assert kernels.small_linear(x.t().contiguous().t(), w) is None  # strided rows
         assert kernels.small_linear(torch.randn(65, 16), w) is None  # too many rows

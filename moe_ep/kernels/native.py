@@ -440,8 +440,9 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
     """`x [m, K] @ w [N, K]^T` (`torch.nn.functional.linear` without bias) into `out [m, N]`
     or a new tensor, for few rows: fp32, contiguous CPU tensors, 1 <= m <= `SMALL_LINEAR_ROWS`,
     torch on one thread (with more, its matmul runs in parallel and this kernel does not), no
-    autograd. None when any of that does not hold or the CPU lacks AVX2 + FMA: the caller then
-    uses torch. The sums are fp32 in another order than torch's (rounding differs, not more)."""
+    autograd. None when any of that does not hold, the native kernels are not built, or the
+    CPU lacks AVX2 + FMA: the caller then uses torch. The sums are fp32 in another order than
+    torch's (rounding differs, not more)."""
     f32 = torch.float32
     if not (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dtype == f32
             and w.dtype == f32 and x.dim() == 2 and w.dim() == 2 and x.is_cpu and w.is_cpu
@@ -456,6 +457,7 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
     elif not (type(out) is torch.Tensor and out.dtype == f32 and out.is_cpu
               and out.is_contiguous() and tuple(out.shape) == (m, n)):
         return None
-    if _lib().moe_linear_nt(out.data_ptr(), x.data_ptr(), w.data_ptr(), m, n, k):
+    lib, _ = _load()  # not built here: torch's matmul serves
+    if lib is None or lib.moe_linear_nt(out.data_ptr(), x.data_ptr(), w.data_ptr(), m, n, k):
         return None
     return out
