@@ -82,15 +82,18 @@ def expert_mlp(
     """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype),
     into ``out [n, H]`` when given (no autograd then, as for any ``out=``). A few fp32 rows on
     the CPU go through `moe_ep.kernels.small_linear` (2-3x torch's matmul there)."""
-    gate_up = kernels.small_linear(rows, w13)
-    if gate_up is None:
-        gate_up = F.linear(rows, w13)
+    gate_up = _linear(rows, w13)
     inter = w13.shape[0] // 2
-    inner = ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:]
-    y = kernels.small_linear(inner, w2, out)
+    return _linear(ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:], w2, out)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w^T`` (into ``out`` when given): the native few-row kernel where it applies, torch
+    otherwise."""
+    y = kernels.small_linear(x, w, out)
     if y is not None:
         return y
-    return F.linear(inner, w2) if out is None else torch.mm(inner, w2.t(), out=out)
+    return F.linear(x, w) if out is None else torch.mm(x, w.t(), out=out)
 
 
 @torch.no_grad()
