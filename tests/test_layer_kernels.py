@@ -257,7 +257,7 @@ def test_fused_experts_rejects_mismatched_weights():
             fused_experts(res, w13, w2, out=bad)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 128, 1024), (2, 5, 13), (3, 1024, 64), (7, 4100, 64),
+@pytest.mark.parametrize("m,n,k", [(1, 128, 1024), (2, 5, 517), (3, 1030, 512), (7, 4100, 600),
                                    (64, 130, 1000)])
 def test_small_linear_matches_a_float64_product(m, n, k):
     # Blocks of 3 x 4 dot products, the row, column and K tails, against float64.
@@ -275,15 +275,20 @@ def test_small_linear_matches_a_float64_product(m, n, k):
 
 
 def test_small_linear_declines_what_it_does_not_cover(monkeypatch):
-    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    k = kernels.native.SMALL_LINEAR_MIN_K
+    x, w = torch.randn(4, k), torch.randn(8, k)
     with _one_thread():
+        if kernels.small_linear(x, w) is None:  # each case below differs from this one in one way
+            pytest.skip("this CPU lacks AVX2 + FMA: small_linear declines, torch is used")
         with monkeypatch.context() as patch:  # an install without the native kernels
             patch.setattr("moe_ep.kernels.native._load", lambda: (None, "not built"))
             assert kernels.small_linear(x, w) is None
         assert kernels.small_linear(x.double(), w.double()) is None  # fp32 only
         assert kernels.small_linear(x.t().contiguous().t(), w) is None  # strided rows
-        assert kernels.small_linear(torch.randn(65, 16), w) is None  # too many rows
-        assert kernels.small_linear(torch.randn(0, 16), w) is None
+        rows = kernels.native.SMALL_LINEAR_ROWS
+        assert kernels.small_linear(torch.randn(rows + 1, k), w) is None  # too many rows
+        assert kernels.small_linear(torch.randn(0, k), w) is None
+        assert kernels.small_linear(x[:, 1:].contiguous(), w[:, 1:].contiguous()) is None  # K
         assert kernels.small_linear(x, w, torch.empty(4, 9)) is None  # wrong out shape
         assert kernels.small_linear(x.requires_grad_(), w) is None  # autograd stays torch's
 

@@ -429,24 +429,32 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None 
     return out
 
 
-#: The most rows of x for which `small_linear` runs: it reads w in place, which beats torch's
-#: one-thread CPU matmul (a BLAS sgemm that packs w first) 2-3x at 1-16 rows and about 1.5x at
-#: 32-64 with w of a few MB, and evens out near 64 rows with w in the cache.
+#: Where `small_linear` runs: at most `SMALL_LINEAR_ROWS` rows of x and at least
+#: `SMALL_LINEAR_MIN_K` columns. It reads w in place, which beats torch's one-thread CPU matmul
+#: (a BLAS sgemm that packs w first) at few rows when K is long: an expert's gate / up
+#: projection (K = H = 1024) 1.2-3x at 4-32 rows, and up to 1.4x at 64 rows with w of a few MB.
+#: With a short K (the down projection of a narrow expert, K = I) each output is a few FMAs and
+#: then a horizontal sum, and torch wins: 0.4-0.8x at K=64, 0.6-1.2x at K=128-256. Measured on
+#: whole experts (`expert_mlp`, 4 experts, H=1024, one process, interleaved), K >= 512 against
+#: no K limit: 1.00x against 0.78x of torch at 60-70 rows with I=64, and the same 1.15-2.1x
+#: with I=2048 (bench notes in docs/design.md).
 SMALL_LINEAR_ROWS = 64
+SMALL_LINEAR_MIN_K = 512
 
 
 def small_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
                  ) -> torch.Tensor | None:
     """`x [m, K] @ w [N, K]^T` (`torch.nn.functional.linear` without bias) into `out [m, N]`
     or a new tensor, for few rows: fp32, contiguous CPU tensors, 1 <= m <= `SMALL_LINEAR_ROWS`,
-    torch on one thread (with more, its matmul runs in parallel and this kernel does not), no
-    autograd. None when any of that does not hold, the native kernels are not built, or the
-    CPU lacks AVX2 + FMA: the caller then uses torch. The sums are fp32 in another order than
-    torch's (rounding differs, not more)."""
+    K >= `SMALL_LINEAR_MIN_K`, torch on one thread (with more, its matmul runs in parallel and
+    this kernel does not), no autograd. None when any of that does not hold, the native
+    kernels are not built, or the CPU lacks AVX2 + FMA: the caller then uses torch. The sums are
+    fp32 in another order than torch's (rounding differs, not more)."""
     f32 = torch.float32
     if not (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dtype == f32
             and w.dtype == f32 and x.dim() == 2 and w.dim() == 2 and x.is_cpu and w.is_cpu
             and 0 < x.shape[0] <= SMALL_LINEAR_ROWS and x.shape[1] == w.shape[1]
+            and x.shape[1] >= SMALL_LINEAR_MIN_K
             and x.is_contiguous() and w.is_contiguous() and torch.get_num_threads() == 1
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return None
