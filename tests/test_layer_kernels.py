@@ -293,6 +293,40 @@ def test_small_linear_declines_what_it_does_not_cover(monkeypatch):
         assert kernels.small_linear(x.requires_grad_(), w) is None  # autograd stays torch's
 
 
+@pytest.mark.parametrize("widen", [False, True])
+def test_bf16_experts_widened_to_fp32_agree_with_torch_bf16(monkeypatch, widen):
+    # The widened path (a CPU without bf16 dot products) and torch's own bf16 matmul give the
+    # same experts up to the order of the fp32 sums: every layout, every expert widened.
+    from moe_ep.layer import experts
+
+    monkeypatch.setattr(experts, "_CPU_BF16_DOT", not widen)
+    monkeypatch.setattr(experts, "BF16_UPCAST_ROWS", 1)
+    w13, w2 = _weights(torch.bfloat16)
+    token = _token_result(40, 2, torch.bfloat16)
+    packed = _packed_from_token(token)
+    for res in (token, packed, _padded_from_packed(packed, capacity=48)):
+        got = fused_experts(res, w13, w2)
+        torch.testing.assert_close(got.float(), _slow(res, w13, w2).float(), atol=2e-2,
+                                   rtol=2e-2, msg=str(res.layout))
+
+
+def test_bf16_widening_is_chosen_by_rows_dtype_and_cpu(monkeypatch):
+    from moe_ep.layer import experts
+
+    rows = experts.BF16_UPCAST_ROWS
+    x, w = torch.randn(rows, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    monkeypatch.setattr(experts, "_CPU_BF16_DOT", False)
+    assert experts._upcast_bf16(x, w)
+    assert not experts._upcast_bf16(x[: rows - 1], w)  # too few rows: bf16 reads half the bytes
+    assert not experts._upcast_bf16(x.float(), w.float())  # fp32 is fp32 already
+    assert not experts._upcast_bf16(x.half(), w.half())
+    monkeypatch.setattr(experts, "_CPU_BF16_DOT", True)  # AVX512-BF16 / AMX: torch's bf16
+    assert not experts._upcast_bf16(x, w)
+    # The probe reads torch's CPU feature checks; where torch has none it leaves bf16 alone.
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert experts._cpu_has_bf16_dot()
+
+
 @contextlib.contextmanager
 def _one_thread():
     threads = torch.get_num_threads()
