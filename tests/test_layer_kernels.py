@@ -257,20 +257,27 @@ def test_fused_experts_rejects_mismatched_weights():
             fused_experts(res, w13, w2, out=bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 128, 1024), (2, 5, 517), (3, 1030, 512), (7, 4100, 600),
                                    (64, 130, 1000)])
-def test_small_linear_matches_a_float64_product(m, n, k):
-    # Blocks of 3 x 4 dot products, the row, column and K tails, against float64.
+def test_small_linear_matches_a_float64_product(m, n, k, dtype):
+    # Blocks of 3 x 4 dot products, the row, column and K tails, against float64 (bf16: the
+    # exact product rounded once, so within half a bf16 step of it, plus the fp32 sums' error).
     gen = torch.Generator().manual_seed(m * n + k)
-    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    x, w = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
     with _one_thread():
         y = kernels.small_linear(x, w)
-        out = torch.full((m, n), float("nan"))
+        out = torch.full((m, n), float("nan"), dtype=dtype)
         assert kernels.small_linear(x, w, out) is out
     if y is None:
         pytest.skip("this CPU lacks AVX2 + FMA: small_linear declines, torch is used")
+    assert y.dtype == dtype
     ref = x.double() @ w.double().t()
-    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    err = (y.double() - ref).abs()
+    if dtype == torch.float32:
+        assert err.max() <= 1e-5 * ref.abs().max()
+    else:
+        assert (err <= 2.0**-8 * ref.abs() + 1e-5 * ref.abs().max()).all()
     assert torch.equal(out, y)
 
 
@@ -283,7 +290,8 @@ def test_small_linear_declines_what_it_does_not_cover(monkeypatch):
         with monkeypatch.context() as patch:  # an install without the native kernels
             patch.setattr("moe_ep.kernels.native._load", lambda: (None, "not built"))
             assert kernels.small_linear(x, w) is None
-        assert kernels.small_linear(x.double(), w.double()) is None  # fp32 only
+        assert kernels.small_linear(x.double(), w.double()) is None  # fp32 or bf16 only
+        assert kernels.small_linear(x.bfloat16(), w) is None  # one dtype for both
         assert kernels.small_linear(x.t().contiguous().t(), w) is None  # strided rows
         rows = kernels.native.SMALL_LINEAR_ROWS
         assert kernels.small_linear(torch.randn(rows + 1, k), w) is None  # too many rows

@@ -32,7 +32,7 @@ __all__ = [
     "segment_sum",
 ]
 
-_ABI = 3
+_ABI = 4
 _OK, _ERR_RANGE, _ERR_REPEAT, _ERR_BOUNDS, _ERR_DTYPE, _ERR_NOMEM = 0, -1, -2, -3, -4, -5
 #: dtype codes of csrc/cpu/dtype.h
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -83,6 +83,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "moe_gather_sum": (i32, [vp]),
         "moe_gather_rows": (i32, [vp, vp, vp, u64, u64, u64, vp]),
         "moe_linear_nt": (i32, [vp, vp, vp, u64, u64, u64]),
+        "moe_linear_nt_bf16": (i32, [vp, vp, vp, u64, u64, u64]),
     }, not_built=(
         "the native kernels moe_ep._kernels_native are not built (no C compiler at install "
         "time?); reinstall with `pip install -e .`"
@@ -445,14 +446,15 @@ SMALL_LINEAR_MIN_K = 512
 def small_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
                  ) -> torch.Tensor | None:
     """`x [m, K] @ w [N, K]^T` (`torch.nn.functional.linear` without bias) into `out [m, N]`
-    or a new tensor, for few rows: fp32, contiguous CPU tensors, 1 <= m <= `SMALL_LINEAR_ROWS`,
-    K >= `SMALL_LINEAR_MIN_K`, torch on one thread (with more, its matmul runs in parallel and
-    this kernel does not), no autograd. None when any of that does not hold, the native
-    kernels are not built, or the CPU lacks AVX2 + FMA: the caller then uses torch. The sums are
-    fp32 in another order than torch's (rounding differs, not more)."""
-    f32 = torch.float32
-    if not (type(x) is torch.Tensor and type(w) is torch.Tensor and x.dtype == f32
-            and w.dtype == f32 and x.dim() == 2 and w.dim() == 2 and x.is_cpu and w.is_cpu
+    or a new tensor, for few rows: x, w (and out) all fp32 or all bf16, contiguous, on the CPU,
+    1 <= m <= `SMALL_LINEAR_ROWS`, K >= `SMALL_LINEAR_MIN_K`, torch on one thread (with more,
+    its matmul runs in parallel and this kernel does not), no autograd. None when any of that
+    does not hold, the native kernels are not built, or the CPU lacks AVX2 + FMA: the caller
+    then uses torch. The sums are fp32 in another order than torch's (rounding differs, not
+    more); bf16 outputs are rounded once, from fp32."""
+    dtype = x.dtype if type(x) is torch.Tensor else None
+    if not (dtype in (torch.float32, torch.bfloat16) and type(w) is torch.Tensor
+            and w.dtype == dtype and x.dim() == 2 and w.dim() == 2 and x.is_cpu and w.is_cpu
             and 0 < x.shape[0] <= SMALL_LINEAR_ROWS and x.shape[1] == w.shape[1]
             and x.shape[1] >= SMALL_LINEAR_MIN_K
             and x.is_contiguous() and w.is_contiguous() and torch.get_num_threads() == 1
@@ -461,11 +463,14 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
     m, k = x.shape
     n = w.shape[0]
     if out is None:
-        out = torch.empty(m, n, dtype=f32)
-    elif not (type(out) is torch.Tensor and out.dtype == f32 and out.is_cpu
+        out = torch.empty(m, n, dtype=dtype)
+    elif not (type(out) is torch.Tensor and out.dtype == dtype and out.is_cpu
               and out.is_contiguous() and tuple(out.shape) == (m, n)):
         return None
     lib, _ = _load()  # not built here: torch's matmul serves
-    if lib is None or lib.moe_linear_nt(out.data_ptr(), x.data_ptr(), w.data_ptr(), m, n, k):
+    if lib is None:
+        return None
+    kernel = lib.moe_linear_nt if dtype == torch.float32 else lib.moe_linear_nt_bf16
+    if kernel(out.data_ptr(), x.data_ptr(), w.data_ptr(), m, n, k):
         return None
     return out

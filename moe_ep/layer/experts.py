@@ -81,8 +81,9 @@ def expert_mlp(
 ) -> torch.Tensor:
     """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype),
     into ``out [n, H]`` when given (no autograd then, as for any ``out=``). A few fp32 rows on
-    the CPU go through `moe_ep.kernels.small_linear` (1.2-3x torch's matmul there); bf16 on a
-    CPU without bf16 dot products is multiplied in fp32 from `BF16_UPCAST_ROWS` rows."""
+    the CPU go through `moe_ep.kernels.small_linear` (fp32 or bf16, K >= 512); other bf16
+    projections on a CPU without bf16 dot products are multiplied in fp32 from
+    `BF16_UPCAST_ROWS` rows."""
     gate_up = _linear(rows, w13)
     inter = w13.shape[0] // 2
     return _linear(ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:], w2, out)
@@ -90,13 +91,13 @@ def expert_mlp(
 
 def _linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w^T`` (into ``out`` when given): the native few-row kernel where it applies, torch
-    otherwise; bf16 from `BF16_UPCAST_ROWS` rows on a CPU without bf16 dot products in fp32."""
-    if _upcast_bf16(x, w):
-        y = _linear(x.float(), w.float())
-        return y.to(torch.bfloat16) if out is None else out.copy_(y)
+    otherwise (bf16 from `BF16_UPCAST_ROWS` rows on a CPU without bf16 dot products in fp32)."""
     y = kernels.small_linear(x, w, out)
     if y is not None:
         return y
+    if _upcast_bf16(x, w):
+        y = _linear(x.float(), w.float())
+        return y.to(torch.bfloat16) if out is None else out.copy_(y)
     return F.linear(x, w) if out is None else torch.mm(x, w.t(), out=out)
 
 
@@ -107,10 +108,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -
 #: while widening w costs about 0.65 ns per element (the fp32 copy is written to memory). On
 #: the development VM's AVX2 core, one process, 4 experts of H=1024 (`expert_mlp`), torch bf16
 #: / widened was 0.74 / 0.93 / 1.26 / 2.15 / 2.55x at 1 / 2 / 4 / 8 / 12 rows with I=64 and
-#: 0.35 / 0.52 / 0.91 / 1.42 / 1.94x with I=2048. A whole bf16 FusedMoE forward (W=2, shm,
-#: H=1024, E=8, top-2) at 1 / 16 / 128 / 512 tokens per rank: 1.4 / 5.2 / 26.1 / 92.2 ms
-#: before, 1.4 / 3.6 / 6.5 / 15.1 ms widened with I=64; 12.2 / 61.0 / 396 ms before, 11.9 /
-#: 46.3 / 118 ms widened with I=2048 (1 / 16 / 128 tokens).
+#: 0.35 / 0.52 / 0.91 / 1.42 / 1.94x with I=2048. Up to 64 rows `kernels.small_linear` serves
+#: bf16 first where it applies (K >= 512: it widens w in registers, no copy); see
+#: docs/design.md for the whole layer.
 BF16_UPCAST_ROWS = 8
 
 

@@ -10,6 +10,7 @@
  *                  moe_gather_rows     out[i] = src[rows[i]] (bytes)
  *   gemm.c         moe_linear_nt       out = x @ w^T in fp32 for few rows of x (an expert's
  *                                      share of a small batch)
+ *                  moe_linear_nt_bf16  the same in bf16 (fp32 sums, w widened as it is read)
  *
  * Every kernel validates the indices it dereferences before it writes anything and returns a
  * negative code with the offending position instead of reading out of bounds. Loaded with
@@ -21,7 +22,7 @@
 
 #include <stdint.h>
 
-#define MOE_KERNELS_ABI 3u
+#define MOE_KERNELS_ABI 4u
 #define MOE_API __attribute__((visibility("default")))
 
 enum {
@@ -102,6 +103,10 @@ MOE_API int moe_gather_sum(const moe_gather_args *a);
  * shapes). MOE_ERR_DTYPE when this CPU lacks AVX2 + FMA (use another kernel then). */
 MOE_API int moe_linear_nt(float *out, const float *x, const float *w, uint64_t m, uint64_t n,
                           uint64_t k);
+/* The same in bf16 (x, w, out; fp32 sums, one rounding per output); MOE_ERR_NOMEM when the
+ * fp32 copy of x cannot be allocated. */
+MOE_API int moe_linear_nt_bf16(uint16_t *out, const uint16_t *x, const uint16_t *w, uint64_t m,
+                               uint64_t n, uint64_t k);
 
 /* out[i] = src[rows[i]] for i < n, rows of row_bytes bytes; rows in [0, src_rows). */
 MOE_API int moe_gather_rows(void *out, const void *src, const int64_t *rows, uint64_t n,
