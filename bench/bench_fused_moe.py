@@ -11,7 +11,9 @@ expert width I and tokens per rank it times, on the same machine state:
 * the expert matmuls alone: on each rank, the two matmuls (and the activation) per local
   expert over as many rows as the dispatch delivered to it, timed like the layers (slowest
   rank): the floor of any layer that computes every pair with this core's GEMM. The rate they
-  reach (GFLOP/s) is printed beside them.
+  reach (GFLOP/s) is printed beside them. With ``--dtype bfloat16`` that is torch's bf16
+  matmul, which a CPU without bf16 dot products runs at a few GFLOP/s (FusedMoE's experts
+  then run in fp32 or with its own bf16 kernel, so it can be below that floor).
 
 Every candidate runs once per repetition, in turn (interleaved, so that a machine whose load
 drifts affects them alike), each after a barrier, and counts the slowest rank. FusedMoE's
@@ -22,6 +24,7 @@ slower rank).
     python bench/bench_fused_moe.py                       # H=1024, E=8, top-2, fp32, I=64,2048
     python bench/bench_fused_moe.py --tokens 16,128 --inter 64 --iters 50 --no-deepspeed
     python bench/bench_fused_moe.py --json out.json       # also write every number
+    python bench/bench_fused_moe.py --dtype bfloat16      # every layer and the floor in bf16
 
 DeepSpeed (``pip install -e ".[peers]"``, built with ``DS_BUILD_OPS=0``) is optional; without
 it the DeepSpeed columns are empty. Its first run JIT-builds a communication op (about a
@@ -156,6 +159,7 @@ def _worker(info, args):
     # scheduler instead of the layers.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     world, hidden, experts, topk = info.world_size, args["hidden"], args["experts"], 2
+    dtype = getattr(torch, args["dtype"])
     shm_group = GroupCoordinator([list(range(world))], "ep-shm", use_shm=True)
     gloo_group = GroupCoordinator([list(range(world))], "ep-gloo", use_shm=False)
     rows = []
@@ -166,9 +170,9 @@ def _worker(info, args):
     try:
         for inter in args["inter"]:
             torch.manual_seed(0)
-            gate = torch.randn(experts, hidden) * hidden**-0.5
-            w13 = torch.randn(experts, 2 * inter, hidden) * hidden**-0.5
-            w2 = torch.randn(experts, hidden, inter) * inter**-0.5
+            gate = (torch.randn(experts, hidden) * hidden**-0.5).to(dtype)
+            w13 = (torch.randn(experts, 2 * inter, hidden) * hidden**-0.5).to(dtype)
+            w2 = (torch.randn(experts, hidden, inter) * inter**-0.5).to(dtype)
             layers = []
             for transport, group, names in (("shm", shm_group, MANAGERS),
                                             ("gloo", gloo_group, GLOO_MANAGERS)):
@@ -176,7 +180,7 @@ def _worker(info, args):
                     if name not in args["managers"]:
                         continue
                     mgr = build_manager(name, group)
-                    layer = FusedMoE(experts, topk, hidden, inter, mgr,
+                    layer = FusedMoE(experts, topk, hidden, inter, mgr, dtype=dtype,
                                      max_tokens_per_rank=max(args["tokens"]))
                     layer.load_global_weights(gate, w13, w2)
                     layers.append((transport, name, layer))
@@ -187,16 +191,17 @@ def _worker(info, args):
                                    eval_capacity_factor=1.0, min_capacity=4,
                                    top2_2nd_expert_sampling=False)
                 ds.set_deepspeed_parallelism()
-                ds.eval()
+                ds.to(dtype).eval()
             for tokens in args["tokens"]:
-                x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(info.rank))
+                x = torch.randn(tokens, hidden,
+                                generator=torch.Generator().manual_seed(info.rank)).to(dtype)
                 # The rows each local expert receives (any manager: routing is the same).
                 probe = layers[0][2]
                 with torch.no_grad():
                     res = probe.prepare(x, *probe.route(x)[1:])
                     probe.finalize(probe.compute_experts(res), res)
                 counts = res.tokens_per_expert.tolist()
-                xs = [torch.randn(n, hidden) for n in counts]
+                xs = [torch.randn(n, hidden).to(dtype) for n in counts]
                 steps = {f"{SHORT[name]}/{transport}": functools.partial(_fused_step, layer, x)
                          for transport, name, layer in layers}
                 if ds is not None:
@@ -240,9 +245,10 @@ def _progress(row) -> str:
 def _print(rows, args, out=sys.stdout) -> None:
     print(f"\n== FusedMoE vs DeepSpeed MoE: W={args['world_size']} CPU ranks, "
           f"{max(1, (os.cpu_count() or 1) // args['world_size'])} thread(s) each, "
-          f"H={args['hidden']}, E={args['experts']}, top-2, fp32; {args['iters']} iterations "
-          f"after {args['warmup']} warm-up; microseconds, median (p10-p90) of the slowest rank; "
-          "comm = share of the forward in prepare (dispatch) + finalize (combine) ==", file=out)
+          f"H={args['hidden']}, E={args['experts']}, top-2, {args['dtype']}; "
+          f"{args['iters']} iterations after {args['warmup']} warm-up; microseconds, median "
+          "(p10-p90) of the slowest rank; comm = share of the forward in prepare (dispatch) + "
+          "finalize (combine) ==", file=out)
     for inter in args["inter"]:
         sel = [r for r in rows if r["inter"] == inter]
         print(f"\n-- I={inter} --", file=out)
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inter", type=_ints, default=[64, 2048], help="expert widths I")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights, activations and the floor's matmuls")
     p.add_argument("--managers", default=",".join(MANAGERS))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print("deepspeed is not installed (pip install -e '.[peers]'); timing FusedMoE only",
               file=sys.stderr)
     args = {"world_size": a.world_size, "tokens": a.tokens, "inter": a.inter,
-            "hidden": a.hidden, "experts": a.experts, "managers": managers,
+            "hidden": a.hidden, "experts": a.experts, "managers": managers, "dtype": a.dtype,
             "warmup": a.warmup, "iters": a.iters, "deepspeed": use_ds}
     rows = run_distributed(a.world_size, _worker, args, timeout=a.timeout)[0]
     _print(rows, args)
