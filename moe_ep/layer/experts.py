@@ -80,9 +80,9 @@ def expert_mlp(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One expert: ``rows [n, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> ``[n, H]`` (rows' dtype),
-    into ``out [n, H]`` when given (no autograd then, as for any ``out=``). A few fp32 rows on
-    the CPU go through `moe_ep.kernels.small_linear` (fp32 or bf16, K >= 512); other bf16
-    projections on a CPU without bf16 dot products are multiplied in fp32 from
+    into ``out [n, H]`` when given (no autograd then, as for any ``out=``). A projection of a
+    few fp32 or bf16 rows over K >= 512 on the CPU goes through `moe_ep.kernels.small_linear`;
+    other bf16 projections on a CPU without bf16 dot products are multiplied in fp32 from
     `BF16_UPCAST_ROWS` rows."""
     gate_up = _linear(rows, w13)
     inter = w13.shape[0] // 2
