@@ -92,7 +92,6 @@ FMA_TARGET static inline float hsum(__m256 v) {
         STORE_##SUF(out + r * n + c, s);                                                      \
       }                                                                                       \
   }
-#define MOE_LOAD_F32(p, j) ((p)[j])
 LINEAR(F32, float, float)
 LINEAR(BF16, uint16_t, uint16_t)
 #endif
